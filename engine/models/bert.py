@@ -1,0 +1,287 @@
+"""BERT encoders: all-MiniLM, BGE/E5-style embedders, sequence classifiers, masked LMs.
+
+Word + position + token-type embeddings, post-LayerNorm blocks, GELU, bidirectional
+attention over a flattened ragged batch (no padding outside attention). Parameter names
+follow Hugging Face's BertModel (nested `encoder.layer.N.attention.self...`); q/k/v are
+fused into one matmul. The heads are methods: `pool`, `classify`, `mlm_logits`.
+
+A sentence-transformers directory says how token states become one vector per input
+(`modules.json`, `1_Pooling/config.json`, `sentence_bert_config.json`); `read_pooling_config`
+reads that into a `PoolingConfig`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig, UnsupportedModelError
+from engine.layers.attention import Attention, AttnMetadata
+from engine.layers.linear import MergedLinear
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+# architecture -> head: "pooler" (BertModel), "classifier", "mlm"
+HEADS = {"BertModel": "pooler", "BertForSequenceClassification": "classifier",
+         "BertForMaskedLM": "mlm", "BertForPreTraining": "mlm"}
+POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len", "lasttoken")
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise UnsupportedModelError(f"BERT activation {name!r} is not supported "
+                                    f"(supported: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(max(config.type_vocab_size, 1), config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+    def forward(self, input_ids, positions, token_type_ids):
+        hidden = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        if token_type_ids is None:   # all type 0: one broadcast row, no index tensor
+            hidden = hidden + self.token_type_embeddings.weight[0]
+        else:
+            hidden = hidden + self.token_type_embeddings(token_type_ids)
+        return self.LayerNorm(hidden)                                   # (num_tokens, hidden)
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        size = config.num_heads * config.head_dim
+        self.qkv = MergedLinear(config.hidden_size, {"query": size, "key": size, "value": size},
+                                bias=True)
+        self.attn = Attention(config.num_heads, config.num_heads, config.head_dim)
+
+    def forward(self, hidden, meta: AttnMetadata):
+        q, k, v = self.qkv.split(self.qkv(hidden))
+        return self.attn(q, k, v, meta)                                 # (num_tokens, hidden)
+
+
+class BertAddNorm(nn.Module):
+    """HF's BertSelfOutput and BertOutput: LayerNorm(dense(x) + residual)."""
+
+    def __init__(self, in_features: int, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+    def forward(self, x, residual):
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertAddNorm(config.hidden_size, config)
+
+    def forward(self, hidden, meta):
+        return self.output(self.self(hidden, meta), hidden)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x):
+        return self.act(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertAddNorm(config.intermediate_size, config)
+
+    def forward(self, hidden, meta):
+        hidden = self.attention(hidden, meta)
+        return self.output(self.intermediate(hidden), hidden)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_layers))
+
+    def forward(self, hidden, meta):
+        for layer in self.layer:
+            hidden = layer(hidden, meta)
+        return hidden
+
+
+class BertTrunk(nn.Module):
+    """HF's BertModel: embeddings, encoder and (for BertModel / classifiers) the CLS pooler."""
+
+    def __init__(self, config: ModelConfig, with_pooler: bool):
+        super().__init__()
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = nn.ModuleDict({"dense": nn.Linear(config.hidden_size, config.hidden_size)}
+                                    ) if with_pooler else None
+
+
+class BertMLMHead(nn.Module):
+    """HF's cls.predictions without its decoder weight, which is the word embedding (tied)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.transform = nn.ModuleDict({
+            "dense": nn.Linear(config.hidden_size, config.hidden_size),
+            "LayerNorm": nn.LayerNorm(config.hidden_size, eps=config.norm_eps)})
+        self.act = activation(config.hidden_act)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden, word_embeddings: torch.Tensor):
+        hidden = self.transform["LayerNorm"](self.act(self.transform["dense"](hidden)))
+        return F.linear(hidden, word_embeddings, self.bias)            # (num_rows, vocab)
+
+
+class BertModel(nn.Module):
+    """One class for every BERT architecture; `config.architecture` picks the head."""
+
+    packed_modules = {"query": "qkv", "key": "qkv", "value": "qkv"}
+    transposed_weights: tuple[str, ...] = ()
+    # Checkpoint tensors that are not parameters: buffers, the tied MLM decoder, NSP head.
+    _ignored = ("embeddings.position_ids", "embeddings.token_type_ids",
+                "cls.predictions.decoder.weight", "cls.seq_relationship.")
+    # Old TF-converted checkpoints name LayerNorm parameters gamma / beta.
+    _renames = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias",
+                "cls.predictions.decoder.bias": "cls.predictions.bias"}
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.architecture not in HEADS:
+            raise UnsupportedModelError(f"BERT architecture {config.architecture!r} is not "
+                                        f"supported (supported: {', '.join(HEADS)})")
+        self.config = config
+        self.head = HEADS[config.architecture]
+        self.bert = BertTrunk(config, with_pooler=self.head != "mlm")
+        self.classifier = nn.Linear(config.hidden_size, len(config.id2label)) \
+            if self.head == "classifier" else None
+        self.cls = nn.ModuleDict({"predictions": BertMLMHead(config)}) if self.head == "mlm" else None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttnMetadata,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions, token_type_ids: (num_tokens,) -> (num_tokens, hidden)."""
+        hidden = self.bert.embeddings(input_ids, positions, token_type_ids)
+        return self.bert.encoder(hidden, attn_metadata)
+
+    def pool(self, hidden: torch.Tensor, seq_lens: torch.Tensor, mode: str) -> torch.Tensor:
+        """(num_tokens, hidden) rows of sequences laid end to end -> (num_seqs, hidden)."""
+        return pool_hidden(hidden, seq_lens, mode)
+
+    def classify(self, cls_hidden: torch.Tensor) -> torch.Tensor:
+        """CLS rows (num_seqs, hidden) -> logits (num_seqs, num_labels), through the pooler."""
+        if self.classifier is None:
+            raise UnsupportedModelError(f"{self.config.architecture} has no classification head")
+        pooled = torch.tanh(self.bert.pooler["dense"](cls_hidden))
+        return self.classifier(pooled)
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(num_rows, hidden) -> (num_rows, vocab) masked-LM logits."""
+        if self.cls is None:
+            raise UnsupportedModelError(f"{self.config.architecture} has no masked-LM head")
+        return self.cls["predictions"](hidden, self.bert.embeddings.word_embeddings.weight)
+
+    def checkpoint_name(self, name: str) -> str | None:
+        """Our parameter name for a checkpoint tensor; None for tensors we do not load."""
+        for old, new in self._renames.items():
+            if name.endswith(old):
+                name = name[: -len(old)] + new
+        if any(part in name for part in self._ignored):
+            return None
+        if name.startswith(("cls.", "classifier.")):
+            return name if getattr(self, name.split(".")[0]) is not None else None
+        name = name if name.startswith("bert.") else f"bert.{name}"
+        if name.startswith("bert.pooler.") and self.bert.pooler is None:
+            return None                                  # pre-training checkpoints used as MLM
+        return name
+
+
+def pool_hidden(hidden: torch.Tensor, seq_lens: torch.Tensor, mode: str) -> torch.Tensor:
+    """Segment pooling without a Python loop per sequence; seq_lens: (num_seqs,) long."""
+    ends = seq_lens.cumsum(0)                                          # (num_seqs,)
+    if mode == "cls":
+        return hidden[ends - seq_lens]
+    if mode == "lasttoken":
+        return hidden[ends - 1]
+    segment = torch.repeat_interleave(torch.arange(len(seq_lens), device=hidden.device), seq_lens)
+    out = hidden.new_zeros(len(seq_lens), hidden.shape[1])
+    if mode == "max":
+        index = segment[:, None].expand_as(hidden)
+        return out.scatter_reduce_(0, index, hidden, "amax", include_self=False)
+    sums = out.index_add_(0, segment, hidden)
+    if mode == "mean":
+        return sums / seq_lens[:, None].to(hidden.dtype)
+    if mode == "mean_sqrt_len":
+        return sums / seq_lens[:, None].to(hidden.dtype).sqrt()
+    raise ValueError(f"pooling mode {mode!r} is not one of {', '.join(POOLING_MODES)}")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolingConfig:
+    """How a checkpoint turns token states into one vector (sentence-transformers layout)."""
+
+    mode: str = "mean"                  # one of POOLING_MODES
+    normalize: bool = False             # the directory's pipeline ends in a Normalize module
+    max_seq_length: int | None = None   # sentence_bert_config.json; None: the model's limit
+    lowercase: bool = False             # sentence_bert_config.json do_lower_case
+
+    def __post_init__(self):
+        if self.mode not in POOLING_MODES:
+            raise UnsupportedModelError(f"pooling mode {self.mode!r} is not supported "
+                                        f"(supported: {', '.join(POOLING_MODES)})")
+
+
+# 1_Pooling/config.json key -> our mode
+_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                 "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+                 "pooling_mode_lasttoken": "lasttoken", "pooling_mode_weightedmean_tokens": "weightedmean"}
+_KNOWN_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+def read_pooling_config(directory: Path) -> PoolingConfig:
+    """Read a sentence-transformers directory; a plain HF directory gets mean pooling, as
+    sentence-transformers itself gives a model it wraps."""
+    directory = Path(directory)
+    st_config = _read_json(directory / "sentence_bert_config.json") or {}
+    fields = dict(max_seq_length=st_config.get("max_seq_length"),
+                  lowercase=bool(st_config.get("do_lower_case", False)))
+    modules = _read_json(directory / "modules.json")
+    if not modules:
+        return PoolingConfig(**fields)
+    kinds = {m["type"].rsplit(".", 1)[-1]: m for m in modules}
+    unknown = sorted(set(kinds) - set(_KNOWN_MODULES))
+    if unknown:
+        raise UnsupportedModelError(f"{directory}: sentence-transformers modules {unknown} are "
+                                    f"not supported (supported: {', '.join(_KNOWN_MODULES)})")
+    mode = "mean"
+    if "Pooling" in kinds:
+        pooling = _read_json(directory / kinds["Pooling"].get("path", "") / "config.json") or {}
+        modes = [_POOLING_KEYS[k] for k, on in pooling.items() if k in _POOLING_KEYS and on]
+        if len(modes) != 1:
+            raise UnsupportedModelError(f"{directory}: pooling must be exactly one mode, got {modes}")
+        mode = modes[0]
+    return PoolingConfig(mode=mode, normalize="Normalize" in kinds, **fields)
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
