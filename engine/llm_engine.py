@@ -1,0 +1,322 @@
+"""LLMEngine (add_request / step / abort) and the offline LLM API on top of it."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence as Seq
+
+import torch
+
+from engine.config import EngineConfig, default_num_threads
+from engine.kv_cache import BlockManager
+from engine.loader import build_model, load_tokenizer, open_checkpoint
+from engine.model_runner import ModelRunner, resolve_device, resolve_dtype
+from engine.outputs import CompletionState, RequestMetrics, RequestOutput
+from engine.sampling import SampleRequest, Sampler, SamplerOutput, SamplingParams
+from engine.scheduler import ScheduledBatch, Scheduler
+from engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StepStats:
+    """What one step did; the service turns these into metrics."""
+
+    duration_s: float
+    num_seqs: int                   # sequences run this step
+    num_prefill_tokens: int         # prompt tokens computed
+    num_generated_tokens: int
+    num_preempted: int
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    completions: list[CompletionState]
+    metrics: RequestMetrics
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.completions)
+
+
+@dataclass
+class EngineCounters:
+    num_prompt_tokens_computed: int = 0         # prefill work actually done (prefix hits excluded)
+    num_generated_tokens: int = 0
+    num_steps: int = 0
+
+
+class LLMEngine:
+    def __init__(self, model: str, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        torch.set_num_threads(self.config.num_threads or default_num_threads())
+        self.checkpoint = open_checkpoint(model)
+        self.model_config = self.checkpoint.config
+        if not self.model_config.is_causal:
+            raise ValueError(f"{model} is an encoder ({self.model_config.architecture}); "
+                             "serve it with Encoder, not LLM")
+        self.device = resolve_device(self.config.device)
+        self.dtype = resolve_dtype(self.config.dtype, self.device, self.model_config.dtype)
+        self.tokenizer = load_tokenizer(self.checkpoint)
+        model_module = build_model(self.checkpoint, self.dtype, self.device)
+        self.runner = ModelRunner(model_module, self.model_config, self.config, self.device, self.dtype)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
+                                   self.config.max_num_batched_tokens)
+        self.sampler = Sampler(self.config.seed)
+        self.max_model_len = self._decide_max_model_len()
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | frozenset(
+            self.tokenizer.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.counters = EngineCounters()
+        self.step_listeners: list[Callable[[StepStats], None]] = []
+        self._seq_ids = itertools.count()
+        self._finished_outside_step: list[Request] = []
+
+    def _decide_max_model_len(self) -> int:
+        model_max = self.model_config.max_position_embeddings
+        pool_tokens = self.runner.num_blocks * self.config.block_size
+        asked = self.config.max_model_len
+        if asked is not None and asked > model_max and self.model_config.family == "gpt2":
+            raise ValueError(f"max_model_len {asked} exceeds GPT-2's {model_max} learned positions")
+        if asked is not None and asked > pool_tokens:
+            raise ValueError(f"max_model_len {asked} does not fit the KV cache "
+                             f"({pool_tokens} tokens); raise kv_cache_memory")
+        if asked is None and model_max > pool_tokens:
+            logger.warning("max_model_len lowered from %d to %d: the KV cache holds no more",
+                           model_max, pool_tokens)
+        return asked or min(model_max, pool_tokens)
+
+    # -- requests -----------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None, prompt_text: str | None = None) -> None:
+        """Queue a prompt (text, or token ids; prompt_text names the text of given ids).
+        Raises ValueError for what cannot run."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else prompt_text
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate_prompt(prompt_ids)
+        now = arrival_time if arrival_time is not None else time.monotonic()
+        seqs = [self._new_sequence(request_id, prompt_ids, params, i, now) for i in range(params.n)]
+        seqs[0].siblings = seqs[1:]
+        completions = [CompletionState(i, self.tokenizer, prompt_ids, params, self.eos_token_ids)
+                       for i in range(params.n)]
+        self.requests[request_id] = Request(request_id, text, prompt_ids, params, seqs, completions,
+                                            RequestMetrics(arrival_time=now))
+        self.scheduler.add(seqs[0])
+
+    def _validate_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt must contain at least one token")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens but this model allows at most "
+                             f"{self.max_model_len - 1} prompt tokens (max_model_len {self.max_model_len})")
+        vocab = self.model_config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got "
+                             f"{min(prompt_ids) if min(prompt_ids) < 0 else max(prompt_ids)}")
+
+    def _new_sequence(self, request_id, prompt_ids, params, index, now) -> Sequence:
+        seq = Sequence(next(self._seq_ids), request_id, list(prompt_ids), len(prompt_ids),
+                       max_tokens=min(params.max_tokens, self.max_model_len - len(prompt_ids)),
+                       index=index, arrival_time=now)
+        if params.seed is not None:
+            seq.sampling_state = torch.Generator(self.device).manual_seed((params.seed + index) % 2**64)
+        return seq
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request and free its blocks now. Unknown or finished ids are a no-op."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        for seq, completion in zip(request.seqs, request.completions):
+            completion.finish("abort")
+            if not seq.is_finished:
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+        self._finished_outside_step.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- the step -----------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample; returns outputs of requests that moved."""
+        started = time.monotonic()
+        batch = self.scheduler.schedule()
+        try:
+            sampled = self._run(batch) if not batch.is_empty else None
+        except Exception as exc:                # the forward failed: only this batch's requests fail
+            logger.exception("model step failed")
+            return self._fail_requests({seq.request_id for seq in batch.seqs}, exc)
+        self.scheduler.after_step(batch)
+        touched = self._process(batch, sampled) if sampled is not None else []
+        self._report(batch, time.monotonic() - started)
+        return self._collect_outputs(touched)
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """Fail every unfinished request (the caller hit an error it cannot place)."""
+        return self._fail_requests(set(self.requests), RuntimeError(message))
+
+    def _fail_requests(self, request_ids: set[str], exc: BaseException) -> list[RequestOutput]:
+        failed = [self.requests[rid] for rid in request_ids if rid in self.requests]
+        for request in failed:
+            self._fail(request, f"{type(exc).__name__}: {exc}")
+        return self._collect_outputs(failed)
+
+    def _run(self, batch: ScheduledBatch) -> SamplerOutput:
+        logits = self.runner.execute(batch)
+        requests = [self._sample_request(seq) for seq, _ in batch.samples]
+        try:
+            return self.sampler(logits, requests)
+        except Exception:                       # isolate: sample rows one by one
+            logger.exception("batched sampling failed; sampling rows one at a time")
+            return self._sample_rows_separately(logits, requests)
+
+    def _sample_request(self, seq: Sequence) -> SampleRequest:
+        params = self.requests[seq.request_id].params
+        return SampleRequest(params, seq.prompt_token_ids, seq.output_token_ids, seq.sampling_state)
+
+    def _sample_rows_separately(self, logits, requests) -> SamplerOutput:
+        out = SamplerOutput([], [], [], [])
+        for i, request in enumerate(requests):
+            try:
+                row = self.sampler(logits[i: i + 1], [request])
+            except Exception:
+                logger.exception("sampling failed for one sequence")
+                row = SamplerOutput([0], [0.0], [None], [0])
+            out.token_ids += row.token_ids
+            out.logprobs += row.logprobs
+            out.top_logprobs += row.top_logprobs
+            out.failed_rows += [i] if row.failed_rows else []
+        return out
+
+    def _process(self, batch: ScheduledBatch, sampled: SamplerOutput) -> list[Request]:
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        failed = set(sampled.failed_rows)
+        for row, (seq, _) in enumerate(batch.samples):
+            request = self.requests.get(seq.request_id)
+            if request is None or seq.is_finished:
+                continue
+            touched[request.request_id] = request
+            try:
+                if row in failed:
+                    raise FloatingPointError("the model produced non-finite logits")
+                self._append_token(request, seq, sampled, row, now)
+            except Exception as exc:
+                logger.exception("request %s failed", request.request_id)
+                self._fail(request, f"{type(exc).__name__}: {exc}")
+        for seq in batch.seqs:
+            request = self.requests.get(seq.request_id)
+            if request is not None and request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+        return list(touched.values())
+
+    def _append_token(self, request: Request, seq: Sequence, sampled: SamplerOutput, row: int,
+                      now: float) -> None:
+        token_id = sampled.token_ids[row]
+        seq.append_token(token_id)
+        self.counters.num_generated_tokens += 1
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+        request.metrics.num_cached_tokens = request.seqs[0].num_cached_tokens
+        completion = request.completions[seq.index]
+        completion.add_token(token_id, sampled.logprobs[row], sampled.top_logprobs[row])
+        if completion.finish_reason is None and seq.num_output_tokens >= seq.max_tokens:
+            completion.finish("length")
+        if completion.finish_reason is not None:
+            status = SequenceStatus.FINISHED_LENGTH if completion.finish_reason == "length" \
+                else SequenceStatus.FINISHED_STOPPED
+            self.scheduler.finish(seq, status)
+
+    def _fail(self, request: Request, message: str) -> None:
+        request.error = message
+        for seq, completion in zip(request.seqs, request.completions):
+            completion.finish("error")
+            if not seq.is_finished:
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
+
+    def _collect_outputs(self, touched: list[Request]) -> list[RequestOutput]:
+        touched += [r for r in self._finished_outside_step if r not in touched]
+        self._finished_outside_step = []
+        outputs = []
+        for request in touched:
+            if request.finished:
+                request.metrics.finished_time = time.monotonic()
+                self.requests.pop(request.request_id, None)
+            outputs.append(RequestOutput(
+                request.request_id, request.prompt, request.prompt_token_ids,
+                [c.take_output() for c in request.completions], request.finished,
+                request.metrics, request.error))
+        return outputs
+
+    def _report(self, batch: ScheduledBatch, duration: float) -> None:
+        prefill = sum(min(n, max(0, seq.num_prompt_tokens - (seq.num_computed_tokens - n)))
+                      for seq, n in zip(batch.seqs, batch.num_new_tokens))
+        self.counters.num_prompt_tokens_computed += prefill
+        self.counters.num_steps += 1
+        stats = StepStats(duration, len(batch.seqs), prefill, len(batch.samples), len(batch.preempted),
+                          self.num_running, self.num_waiting, self.block_manager.usage)
+        for listener in self.step_listeners:
+            listener(stats)
+
+
+class LLM:
+    """Offline generation: LLM("smollm2-135m-instruct").generate(prompts, SamplingParams(...))."""
+
+    def __init__(self, model: str = "smollm2-135m-instruct", **engine_options):
+        self.engine = LLMEngine(model, EngineConfig(**engine_options))
+        self._request_ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | Seq[str] | Seq[Seq[int]],
+                 params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+        """One finished RequestOutput per prompt, in order. Prompts are text or token ids."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        ids = []
+        for prompt, request_params in zip(prompts, params_list, strict=True):
+            ids.append(f"offline-{next(self._request_ids)}")
+            self.engine.add_request(ids[-1], prompt, request_params)
+        finished = {}
+        while self.engine.has_unfinished_requests():
+            finished.update((out.request_id, out) for out in self.engine.step() if out.finished)
+        return [finished[i] for i in ids]
+
+    def chat(self, messages: Seq[dict] | Seq[Seq[dict]], params: SamplingParams | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Messages through the model's chat template; one conversation or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.encode(
+            self.tokenizer.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt),
+            add_special_tokens=False) for c in conversations]
+        return self.generate(prompts, params)

@@ -1,0 +1,109 @@
+"""The model runner: owns the KV pool, turns a ScheduledBatch into tensors, runs the model.
+
+The pool is one tensor (2, num_layers, num_blocks, block_size, num_kv_heads, head_dim);
+each attention layer is handed its (num_blocks, block_size, ...) slices of K and V.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from engine.config import EngineConfig, ModelConfig
+from engine.layers.attention import Attention, AttnMetadata, build_attn_metadata
+from engine.scheduler import ScheduledBatch
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_CPU_KV_BYTES = 2 * 2**30
+_GPU_MEMORY_UTILIZATION = 0.85
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cpu":
+        return torch.float32            # the fast CPU dtype without AVX-512 bf16 kernels
+    return torch.float16 if checkpoint_dtype == "float16" else torch.bfloat16
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, model_config: ModelConfig, engine_config: EngineConfig,
+                 device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.model_config = model_config
+        self.config = engine_config
+        self.device, self.dtype = device, dtype
+        self.block_size = engine_config.block_size
+        self.num_blocks = self._decide_num_blocks()
+        self.kv_cache = self._allocate_kv_cache()
+
+    @property
+    def bytes_per_block(self) -> int:
+        c = self.model_config
+        elements = 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim
+        return elements * torch.finfo(self.dtype).bits // 8
+
+    def _decide_num_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        budget = self.config.kv_cache_memory
+        if budget is None and self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(free - (1 - _GPU_MEMORY_UTILIZATION) * total)
+        budget = budget if budget is not None else _DEFAULT_CPU_KV_BYTES
+        num_blocks = budget // self.bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory of {budget} bytes holds no block of "
+                             f"{self.bytes_per_block} bytes")
+        return num_blocks
+
+    def _allocate_kv_cache(self) -> torch.Tensor:
+        c = self.model_config
+        # Zeroed, not empty: padding keys read stale slots, and 0 * NaN garbage would be NaN.
+        kv_cache = torch.zeros(2, c.num_layers, self.num_blocks, self.block_size,
+                               c.num_kv_heads, c.head_dim, dtype=self.dtype, device=self.device)
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for i, attn in enumerate(layers):
+            attn.k_cache, attn.v_cache = kv_cache[0, i], kv_cache[1, i]
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", self.num_blocks,
+                    self.block_size, kv_cache.numel() * kv_cache.element_size() / 2**20, self.device)
+        return kv_cache
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Run one step; returns logits (len(batch.samples), vocab), one row per sample."""
+        if batch.blocks_to_copy:
+            sources, targets = (torch.tensor(x, device=self.device) for x in zip(*batch.blocks_to_copy))
+            self.kv_cache[:, :, targets] = self.kv_cache[:, :, sources]
+        input_ids, positions, meta = self.prepare_inputs(batch)
+        hidden = self.model(input_ids, positions, meta)               # (num_tokens, hidden)
+        last_rows = torch.tensor(batch.num_new_tokens).cumsum(0) - 1
+        rows = last_rows[[index for _, index in batch.samples]].to(self.device)
+        return self.model.compute_logits(hidden[rows])
+
+    def prepare_inputs(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
+        token_ids: list[int] = []
+        positions: list[int] = []
+        seq_lens = []
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            token_ids += seq.token_ids[start: start + num_new]
+            positions += range(start, start + num_new)
+            seq_lens.append(start + num_new)
+        meta = build_attn_metadata(
+            batch.num_new_tokens, seq_lens, [seq.block_table for seq in batch.seqs],
+            self.block_size, self.device, causal=True,
+            sliding_window=self.model_config.sliding_window)
+        return (torch.tensor(token_ids, dtype=torch.long, device=self.device),
+                torch.tensor(positions, dtype=torch.long, device=self.device), meta)

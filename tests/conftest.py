@@ -1,0 +1,102 @@
+"""Factories shared by the tests: tiny random checkpoints of every family (saved by
+transformers, the reference), a tiny tokenizer, and sequences/schedulers with no model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.kv_cache import BlockManager
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+TINY_VOCAB = 384
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+_CORPUS = [
+    "The cat sat on the mat. The dog sat on the log.",
+    "def add(a, b):\n    return a + b\n",
+    "Once upon a time there was a tiny model that served many requests at once.",
+    "Paged attention keeps keys and values in fixed-size blocks.",
+] * 20
+
+
+def write_tiny_tokenizer(directory: Path) -> None:
+    """A byte-level BPE tokenizer.json trained on a small corpus, with chat special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "add_bos_token": False, "chat_template": CHAT_TEMPLATE}))
+
+
+def tiny_hf_model(family: str, **overrides):
+    """A tiny random transformers model of a family: llama, llama3 (rope scaling), mistral,
+    qwen2, gpt2. Weights are drawn wide (std 0.2) so attention patterns really matter."""
+    import transformers as tf
+    common = dict(vocab_size=TINY_VOCAB, initializer_range=0.2, bos_token_id=0, eos_token_id=2)
+    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    configs = {
+        "llama": lambda: tf.LlamaConfig(**common, **llama_like),
+        "llama3": lambda: tf.LlamaConfig(**common, **llama_like, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+        "mistral": lambda: tf.MistralConfig(**common, **{**llama_like, "num_key_value_heads": 1},
+                                            sliding_window=12),
+        "qwen2": lambda: tf.Qwen2Config(**common, **llama_like, tie_word_embeddings=True),
+        "gpt2": lambda: tf.GPT2Config(**common, n_embd=64, n_layer=2, n_head=4, n_positions=512),
+    }
+    config = configs[family]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model_cls = {"gpt2": tf.GPT2LMHeadModel, "mistral": tf.MistralForCausalLM,
+                 "qwen2": tf.Qwen2ForCausalLM}.get(family, tf.LlamaForCausalLM)
+    return model_cls(config).eval()
+
+
+def save_tiny_checkpoint(family: str, directory: Path, safe_serialization: bool = True, **overrides) -> Path:
+    model = tiny_hf_model(family, **overrides)
+    model.save_pretrained(directory, safe_serialization=safe_serialization)
+    write_tiny_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """family -> a saved tiny checkpoint directory (with tokenizer), made once per session."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: save_tiny_checkpoint(family, root / family)
+            for family in ("llama", "llama3", "mistral", "qwen2", "gpt2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_checkpoints) -> Path:
+    return tiny_checkpoints["llama"]
+
+
+# -- engine pieces without a model -----------------------------------------------------
+
+def make_seq(seq_id: int, num_prompt_tokens: int, max_tokens: int = 16, first_token: int = 0,
+             request_id: str | None = None) -> Sequence:
+    """A sequence whose prompt is distinct per seq_id unless first_token says otherwise."""
+    tokens = [first_token + seq_id * 1000 + i for i in range(num_prompt_tokens)]
+    return Sequence(seq_id, request_id or f"r{seq_id}", tokens, num_prompt_tokens, max_tokens)
+
+
+def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
+                   max_num_batched_tokens: int = 32, prefix_caching: bool = True) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, block_size, prefix_caching), max_num_seqs,
+                     max_num_batched_tokens)
