@@ -173,6 +173,25 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
+    def abort_all(self) -> None:
+        with self._lock:
+            request_ids = list(self._streams)
+        for request_id in request_ids:
+            self.abort(request_id)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for every request to finish, then abort the rest.
+        True when all finished on their own. The caller stops admitting first."""
+        deadline = time.monotonic() + timeout
+        while self.num_unfinished and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if not self.num_unfinished:
+            return True
+        self.abort_all()
+        while self.num_unfinished and self.is_alive:
+            await asyncio.sleep(0.05)
+        return False
+
     # -- the engine thread --------------------------------------------------------------
 
     def _loop(self) -> None:
