@@ -123,8 +123,15 @@ class CompletionState:
             self.finish("stop", stop)
 
     def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
-        if self.finish_reason is None:
-            self.finish_reason, self.stop_reason = reason, stop_reason
+        if self.finish_reason is not None:
+            return
+        if not isinstance(stop_reason, str):
+            # Bytes still waiting for the rest of a character will never get it.
+            tail = self.detokenizer.flush()
+            self.text += tail
+            if self.pending_tokens and tail:
+                self.pending_tokens[-1].text += tail
+        self.finish_reason, self.stop_reason = reason, stop_reason
 
     def take_output(self) -> CompletionOutput:
         """The output since the last call: new tokens and the text now safe to show."""
