@@ -1,0 +1,78 @@
+"""`python -m service`: run the server (flags, or ATTNSERVE_* environment variables).
+
+SIGTERM / SIGINT drain first: the server answers 503 to new requests (and /ready goes 503)
+while running requests finish, up to --drain-timeout; then uvicorn stops and the process
+exits 0. A second signal stops at once. A model that fails to load exits 1.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from types import FrameType
+
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings, load_settings
+
+logger = logging.getLogger("service")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a drain between the signal and the shutdown."""
+
+    def __init__(self, config: uvicorn.Config, app_server):
+        super().__init__(config)
+        self.app_server = app_server
+        self.exit_code = 0
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if self._draining or loop is None:
+            self.should_exit = True               # a second signal: stop now
+            self.force_exit = self._draining and sig == signal.SIGINT
+            return
+        self._draining = True
+        logger.info("received %s: draining", signal.Signals(sig).name)
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        try:
+            await self.app_server.drain()
+        except Exception:
+            logger.exception("drain failed")
+        self.should_exit = True                   # no signal is re-raised: the process exits 0
+
+    def fail(self, message: str) -> None:
+        logger.error("exiting: %s", message)
+        self.exit_code = 1
+        self.should_exit = True
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings: Settings = load_settings(argv)
+    configure_logging(settings.log_level)
+    logger.info("starting with %s", settings)
+    holder: dict[str, DrainingServer] = {}
+    app = create_app(settings, on_fatal=lambda message: holder["server"].fail(message))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=False, timeout_graceful_shutdown=10, lifespan="on",
+                            log_config=None)
+    server = holder["server"] = DrainingServer(config, app.state.server)
+    server.run()
+    return server.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

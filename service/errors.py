@@ -1,0 +1,132 @@
+"""One error model, rendered in the shape of the route family that raised it.
+
+    /v1/*           {"error": {"message", "type", "param", "code"}}          (OpenAI)
+    everything else {"error": "...", "error_type": "validation" | ...}      (TGI / TEI)
+
+No traceback ever reaches a client: unexpected exceptions are logged here and answered with
+a generic 500.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("service")
+
+# status -> (native error_type, OpenAI type)
+_KINDS = {
+    400: ("validation", "invalid_request_error"),
+    401: ("unauthorized", "authentication_error"),
+    404: ("validation", "not_found_error"),
+    405: ("validation", "invalid_request_error"),
+    413: ("validation", "invalid_request_error"),
+    422: ("validation", "invalid_request_error"),
+    429: ("overloaded", "rate_limit_error"),
+    500: ("generation", "server_error"),
+    503: ("not_ready", "service_unavailable_error"),
+}
+
+
+class APIError(Exception):
+    """An answer that is not a success; raised anywhere in a request, rendered per family."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, error_type: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.code, self.headers = code, headers
+        self.error_type = error_type or _KINDS.get(status, ("generation", "server_error"))[0]
+
+    @property
+    def openai_type(self) -> str:
+        return _KINDS.get(self.status, ("generation", "server_error"))[1]
+
+
+def validation_error(message: str, param: str | None = None) -> APIError:
+    return APIError(422, message, param=param, code="invalid_value")
+
+
+def is_openai_path(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def error_body(path: str, error: APIError) -> dict[str, Any]:
+    if is_openai_path(path):
+        return {"error": {"message": error.message, "type": error.openai_type,
+                          "param": error.param, "code": error.code}}
+    return {"error": error.message, "error_type": error.error_type}
+
+
+def error_response(path: str, error: APIError) -> JSONResponse:
+    return JSONResponse(error_body(path, error), status_code=error.status, headers=error.headers)
+
+
+def error_event(path: str, error: APIError) -> bytes:
+    """The last event of a stream that failed after it started."""
+    return b"data: " + json.dumps(error_body(path, error)).encode() + b"\n\n"
+
+
+def describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """pydantic errors -> ("field: what is wrong; ...", first field)."""
+    parts, first = [], None
+    for err in errors[:5]:
+        location = [str(p) for p in err.get("loc", ()) if p != "body"]
+        # pydantic names the union member it tried ("str", "list[int]"): not the client's field
+        location = [p for p in location if not _is_type_tag(p)]
+        field = ".".join(location) or "body"
+        first = first or field
+        message = err.get("msg", "invalid")
+        if err.get("type") == "json_invalid":
+            message = "the body is not valid JSON (or not UTF-8)"
+            field = first = "body"
+        elif err.get("type") == "extra_forbidden":
+            message = "unknown field (not supported by this server)"
+        parts.append(f"{field}: {message}")
+    if len(errors) > 5:
+        parts.append(f"and {len(errors) - 5} more")
+    return "; ".join(parts), first
+
+
+def _is_type_tag(part: str) -> bool:
+    return part in ("str", "int", "list[int]", "list[str]", "list[list[int]]", "function-after[...]") \
+        or part.startswith(("function-", "list[", "tagged-union[", "constrained-"))
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(request.url.path, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        message, field = describe_validation(list(exc.errors()))
+        return error_response(request.url.path, APIError(422, message, param=field, code="invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on "
+                   f"{request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return error_response(request.url.path, APIError(exc.status_code, message, headers=exc.headers))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        logger.exception("unhandled error on %s", request.url.path)
+        return error_response(request.url.path, APIError(500, "internal server error (logged)"))
+
+
+# OpenAPI: the error bodies each family answers with.
+def openapi_errors(*statuses: int, openai: bool = False) -> dict[int | str, dict[str, Any]]:
+    from service.schemas import NativeError, OpenAIErrorResponse
+    descriptions = {400: "prompt longer than the model allows", 401: "missing or wrong API key",
+                    404: "unknown model", 413: "body too large", 422: "invalid field",
+                    429: "queue full (see Retry-After)", 500: "generation failed",
+                    503: "loading or draining"}
+    model = OpenAIErrorResponse if openai else NativeError
+    return {s: {"model": model, "description": descriptions[s]} for s in statuses}

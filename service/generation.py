@@ -1,0 +1,284 @@
+"""What every generation route shares: admission (ready, queue bound, tokenization, length),
+the per-request metrics, waiting for a result while watching the client, and aborts.
+
+    gens = await admit(server, info, prompts, params)     # 503 / 429 / 400 / 422 raise here,
+                                                          # before any byte is sent
+    async for i, out in merge(gens): ...                  # streaming
+    results = await collect(request, gens)                # non-streaming; ClientGone if it left
+
+A Generation that ends without its final output (client gone, exception) aborts its engine
+request, so the KV blocks are free within one step.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+from fastapi import Request
+
+from engine.async_engine import EngineDeadError, GenerationError, RequestStream
+from engine.outputs import GeneratedToken, RequestOutput
+from engine.sampling import SamplingParams
+from service.errors import APIError
+from service.runtime import RequestInfo, Server
+
+logger = logging.getLogger("service")
+_ids = itertools.count()
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request ran; it has been aborted."""
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str | None = None                 # for return_full_text / echo / --log-prompts
+
+
+@dataclass
+class Result:
+    """A finished request: its last output and every token of each completion."""
+    output: RequestOutput
+    tokens: list[list[GeneratedToken]]
+
+
+@dataclass
+class Generation:
+    """One engine request, with the accounting of what it delivers."""
+    server: Server
+    info: RequestInfo
+    prompt: Prompt
+    stream: RequestStream
+    arrival: float
+    finished: bool = False
+    num_tokens: int = 0
+    last_token_at: float | None = None
+    final: RequestOutput | None = None
+    abort_reason: str = "client_disconnect"
+    _closed: bool = field(default=False, repr=False)
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._outputs()
+
+    async def _outputs(self) -> AsyncIterator[RequestOutput]:
+        try:
+            async for out in self.stream:
+                self._account(out)
+                yield out
+        except GenerationError as exc:
+            self.finished = True
+            logger.error("request %s failed in the engine: %s", self.info.request_id, exc)
+            raise APIError(500, f"generation failed: {exc}", error_type="generation") from None
+        except EngineDeadError as exc:
+            self.finished = True
+            raise APIError(500, f"generation failed: {exc}", error_type="generation") from None
+        finally:
+            self.close()
+
+    def _account(self, out: RequestOutput) -> None:
+        m = self.server.metrics
+        now = time.monotonic()
+        new = sum(len(c.new_tokens) for c in out.outputs)
+        if new:
+            if self.num_tokens == 0:
+                first = out.metrics.first_token_time or now
+                m.ttft.observe(max(0.0, first - self.arrival))
+                scheduled = out.metrics.first_scheduled_time or first
+                m.queue_time.observe(max(0.0, scheduled - self.arrival))
+            elif self.last_token_at is not None:
+                m.itl.observe(now - self.last_token_at)
+            self.last_token_at = now
+            self.num_tokens += new
+            self.info.completion_tokens += new
+            m.generation_tokens.inc(new)
+        if out.finished:
+            self.finished, self.final = True, out
+            if out.outputs and all(c.finish_reason == "abort" for c in out.outputs):
+                m.aborted.labels("shutdown" if self.server.status == "draining" else "aborted").inc()
+
+    def abort(self, reason: str) -> None:
+        self.abort_reason = reason
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self.finished:
+            self.stream.abort()
+            self.server.metrics.aborted.labels(self.abort_reason).inc()
+            logger.info("request %s aborted (%s) after %d tokens", self.info.request_id,
+                        self.abort_reason, self.num_tokens)
+
+    @property
+    def was_aborted(self) -> bool:
+        return self.final is not None and all(c.finish_reason == "abort" for c in self.final.outputs)
+
+
+# -- admission ----------------------------------------------------------------------------------
+
+async def admit(server: Server, info: RequestInfo, prompts: Sequence[str | list[int]],
+                params: SamplingParams, *, truncate: int | None = None,
+                add_special_tokens: bool = True, arrival: float | None = None) -> list[Generation]:
+    """Queue one engine request per prompt; every rejection raises before anything runs."""
+    arrival = arrival if arrival is not None else time.monotonic()
+    server.require_ready()
+    llm, limit = server.llm, server.settings.max_queue
+    waiting = llm.num_waiting + server.num_admitting
+    if waiting + len(prompts) > limit:
+        raise APIError(429, f"the queue is full ({waiting} requests waiting, limit {limit}); "
+                       "retry later", headers={"Retry-After": "1"}, code="queue_full")
+    server.num_admitting += len(prompts)      # reserved before any await: the check stays exact
+    try:
+        tokenized = await asyncio.to_thread(_tokenize_all, server, prompts, add_special_tokens)
+        for prompt in tokenized:
+            if truncate is not None and len(prompt.ids) > truncate:
+                prompt.ids = prompt.ids[-truncate:]
+            check_prompt(server, prompt.ids)
+        info.prompt = "\n".join(p.text for p in tokenized if p.text) or None
+        gens: list[Generation] = []
+        try:
+            for prompt in tokenized:
+                stream = await llm.add_request(prompt.ids, params, request_id=f"{info.request_id}-{next(_ids)}",
+                                               arrival_time=arrival)
+                gens.append(Generation(server, info, prompt, stream, arrival))
+        except BaseException:
+            for gen in gens:
+                gen.abort("error")
+            raise
+    except ValueError as exc:                 # the engine refused the prompt
+        raise APIError(422, str(exc), param="prompt", code="invalid_prompt") from None
+    except EngineDeadError as exc:
+        raise APIError(503, f"the engine is not running: {exc}") from None
+    finally:
+        server.num_admitting -= len(prompts)
+    num_prompt = sum(len(g.prompt.ids) for g in gens)
+    info.prompt_tokens += num_prompt
+    server.metrics.prompt_tokens.inc(num_prompt)
+    return gens
+
+
+def _tokenize_all(server: Server, prompts: Sequence[str | list[int]], add_special_tokens: bool) -> list[Prompt]:
+    tokenizer = server.tokenizer
+    out = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            out.append(Prompt(tokenizer.encode(prompt, add_special_tokens=add_special_tokens), prompt))
+        else:
+            out.append(Prompt(list(prompt), None))
+    return out
+
+
+def check_prompt(server: Server, ids: list[int]) -> None:
+    limit = server.max_model_len
+    if not ids:
+        raise APIError(422, "the prompt is empty (it encodes to no tokens)", param="prompt",
+                       code="invalid_prompt")
+    if len(ids) >= limit:
+        raise APIError(400, f"the prompt has {len(ids)} tokens but this model allows at most "
+                       f"{limit - 1} prompt tokens (max_model_len {limit}, which counts prompt and "
+                       "generated tokens)", param="prompt", code="context_length_exceeded")
+    vocab = server.engine.model_config.vocab_size
+    bad = [t for t in ids if t >= vocab]
+    if bad:
+        raise APIError(422, f"token id {bad[0]} is outside the vocabulary [0, {vocab})",
+                       param="prompt", code="invalid_prompt")
+
+
+def check_max_tokens(server: Server, value: int | None, field_name: str) -> None:
+    if value is not None and value > server.max_model_len:
+        raise APIError(422, f"{field_name} must be <= {server.max_model_len} (this model's "
+                       f"max_model_len), got {value}", param=field_name, code="invalid_value")
+
+
+def sampling_params(**fields) -> SamplingParams:
+    try:
+        return SamplingParams(**fields)
+    except ValueError as exc:                 # the message names the field
+        raise APIError(422, str(exc), param=str(exc).split(" ", 1)[0], code="invalid_value") from None
+
+
+# -- consuming ----------------------------------------------------------------------------------
+
+async def collect(request: Request, gens: list[Generation]) -> list[Result]:
+    """Run every generation to its end while watching the client; ClientGone if it left."""
+    work = asyncio.ensure_future(asyncio.gather(*(_collect_one(g) for g in gens)))
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone = not work.done()
+        if gone:                              # the client left (or this handler was cancelled)
+            for gen in gens:
+                gen.abort("client_disconnect")
+            work.cancel()
+        watcher.cancel()
+    if gone:
+        raise ClientGone()
+    results = work.result()                   # re-raises an APIError from a failed generation
+    if any(g.was_aborted for g in gens):
+        raise APIError(503, "the server is shutting down; the request was aborted before it finished")
+    return results
+
+
+async def _collect_one(gen: Generation) -> Result:
+    last, tokens = None, []
+    async for out in gen:
+        if not tokens:
+            tokens = [[] for _ in out.outputs]
+        for completion in out.outputs:
+            tokens[completion.index].extend(completion.new_tokens)
+        last = out
+    return Result(last, tokens)
+
+
+async def _disconnected(request: Request) -> None:
+    # The body has been read: the next message is http.disconnect, when the client leaves.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def merge(gens: list[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several generations as they come: (generation index, output)."""
+    if len(gens) == 1:
+        async for out in gens[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, gen: Generation) -> None:
+        try:
+            async for out in gen:
+                queue.put_nowait((i, out, None))
+        except Exception as exc:
+            queue.put_nowait((i, None, exc))
+        finally:
+            queue.put_nowait((i, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    reason = "client_disconnect"
+    try:
+        remaining = len(gens)
+        while remaining:
+            i, out, error = await queue.get()
+            if error is not None:
+                reason = "error"
+                raise error
+            if out is None:
+                remaining -= 1
+                continue
+            yield i, out
+    finally:
+        for gen in gens:
+            if not gen.finished:
+                gen.abort(reason)
+        for task in tasks:
+            task.cancel()
+

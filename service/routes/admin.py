@@ -1,0 +1,64 @@
+"""Operations: /health (liveness), /ready (readiness), /info, /metrics."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from service.errors import APIError, openapi_errors
+from service.metrics import CONTENT_TYPE
+from service.routes.native import server_of
+from service.runtime import VERSION
+from service.schemas import MAX_STOP, Health, Info
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health", response_model=Health, responses=openapi_errors(503),
+            summary="Liveness: 200 while the engine loop runs and makes progress")
+async def health(request: Request):
+    server = server_of(request)
+    if server.status in ("loading", "failed") or server.llm is None:
+        server.require_ready()                  # raises the loading / failed 503
+    if not server.llm.is_alive:
+        raise APIError(503, "the engine loop is not running or is stuck")
+    for task, encoder in server.encoders.items():
+        if not encoder.is_alive and server.status == "ready":
+            raise APIError(503, f"the {task} encoder is not running")
+    return {"status": "ok"}
+
+
+@router.get("/ready", response_model=Health, responses=openapi_errors(503),
+            summary="Readiness: 200 when every model is loaded and warm and the server is not draining")
+async def ready(request: Request):
+    server = server_of(request)
+    server.require_ready()
+    if not server.llm.is_alive:
+        raise APIError(503, "the engine loop is not running or is stuck")
+    return {"status": "ready"}
+
+
+@router.get("/info", response_model=Info, responses=openapi_errors(401, 503),
+            summary="Model, limits and live engine state (TGI-style)")
+async def info(request: Request):
+    server = server_of(request)
+    if server.llm is None:
+        server.require_ready()
+    engine, settings = server.engine, server.settings
+    blocks = engine.block_manager
+    return {
+        "model_id": server.model_id, "model_dtype": str(engine.dtype).removeprefix("torch."),
+        "model_device_type": engine.device.type, "max_input_tokens": engine.max_model_len - 1,
+        "max_total_tokens": engine.max_model_len, "max_model_len": engine.max_model_len,
+        "max_new_tokens_default": 100, "block_size": engine.config.block_size,
+        "num_blocks": blocks.num_blocks, "num_free_blocks": blocks.num_free_blocks,
+        "kv_cache_usage": blocks.usage, "num_requests_running": server.llm.num_running,
+        "num_requests_waiting": server.llm.num_waiting, "max_num_seqs": engine.config.max_num_seqs,
+        "max_queue": settings.max_queue, "max_stop_sequences": MAX_STOP, "max_best_of": 1,
+        "embedding_model_id": server.encoder_ids().get("embed"),
+        "classifier_model_id": server.encoder_ids().get("classify"), "version": VERSION,
+    }
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus text exposition",
+            responses={200: {"content": {CONTENT_TYPE: {}}, "description": "metrics"}})
+async def metrics(request: Request):
+    return Response(server_of(request).metrics.render(), media_type=CONTENT_TYPE)

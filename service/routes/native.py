@@ -1,0 +1,186 @@
+"""TGI routes: /generate, /generate_stream, / (TGI's compat route: `stream` picks), /tokenize,
+/detokenize.
+
+TGI semantics: max_new_tokens defaults to 100; sampling happens when do_sample is true or a
+sampling option (temperature != 1, top_k, top_p < 1, min_p) is set, and temperature 0 is
+always greedy; a sampled request without a seed gets one, reported in details.seed;
+generated_text keeps the stop sequence that ended it, as TGI does.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+
+from engine.outputs import CompletionOutput, GeneratedToken
+from service.errors import APIError, error_event, openapi_errors
+from service.generation import ClientGone, Generation, admit, check_max_tokens, collect, sampling_params
+from service.runtime import Server
+from service.schemas import (DetokenizeRequest, DetokenizeResponse, GenerateParameters, GenerateRequest,
+                             GenerateResponse, SimpleToken, StreamResponse, TokenizeRequest)
+
+logger = logging.getLogger("service")
+router = APIRouter(tags=["TGI"])
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_GEN_ERRORS = openapi_errors(400, 401, 413, 422, 429, 500, 503)
+_STREAM_DOC = {200: {"model": StreamResponse, "description": "Server-sent events, one per token "
+                     "(`data: {...}`); the last carries generated_text and details",
+                     "content": {"text/event-stream": {}}}}
+
+
+def server_of(request: Request) -> Server:
+    return request.app.state.server
+
+
+def info_of(request: Request):
+    return request.scope["attnserve.info"]
+
+
+# -- parameters ------------------------------------------------------------------------------
+
+def tgi_sampling(server: Server, p: GenerateParameters):
+    """GenerateParameters -> (SamplingParams, the seed to report)."""
+    check_max_tokens(server, p.max_new_tokens, "parameters.max_new_tokens")
+    uses_warpers = (p.temperature not in (None, 1.0) or p.top_k not in (None, 0, -1)
+                    or p.top_p not in (None, 1.0) or p.min_p not in (None, 0.0))
+    sample = (p.do_sample or uses_warpers) and p.temperature != 0.0
+    seed = p.seed
+    if sample and seed is None:
+        seed = random.getrandbits(63)
+    params = sampling_params(
+        max_tokens=p.max_new_tokens or server.max_model_len,
+        temperature=(1.0 if p.temperature is None else p.temperature) if sample else 0.0,
+        top_k=p.top_k if p.top_k not in (None, 0) else -1, top_p=p.top_p or 1.0, min_p=p.min_p or 0.0,
+        repetition_penalty=p.repetition_penalty or 1.0, frequency_penalty=p.frequency_penalty or 0.0,
+        presence_penalty=p.presence_penalty or 0.0, seed=seed if sample else None, stop=list(p.stop),
+        ignore_eos=p.ignore_eos, logprobs=p.top_n_tokens or None)
+    return params, (seed if sample else None)
+
+
+def finish_reason(c: CompletionOutput) -> str:
+    if c.finish_reason == "length":
+        return "length"
+    return "stop_sequence" if isinstance(c.stop_reason, str) else "eos_token"
+
+
+def generated_text(gen: Generation, c: CompletionOutput, p: GenerateParameters) -> str:
+    text = c.text + (c.stop_reason if isinstance(c.stop_reason, str) else "")
+    return (gen.prompt.text or "") + text if p.return_full_text else text
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def token_json(t: GeneratedToken) -> dict:
+    return {"id": t.id, "text": t.text, "logprob": _finite(t.logprob), "special": t.special}
+
+
+def top_tokens_json(server: Server, t: GeneratedToken) -> list[dict]:
+    return [{"id": i, "text": server.token_text(i), "logprob": _finite(lp),
+             "special": server.tokenizer.is_special(i)} for i, lp in (t.top_logprobs or [])]
+
+
+async def _start(request: Request, body: GenerateRequest) -> tuple[Generation, int | None]:
+    server = server_of(request)
+    server.require_ready()
+    params, seed = tgi_sampling(server, body.parameters)
+    gens = await admit(server, info_of(request), [body.inputs], params, truncate=body.parameters.truncate)
+    return gens[0], seed
+
+
+# -- routes ----------------------------------------------------------------------------------
+
+@router.post("/generate", response_model=GenerateResponse, responses=_GEN_ERRORS,
+             summary="Generate text (TGI)")
+async def generate(body: GenerateRequest, request: Request):
+    gen, seed = await _start(request, body)
+    return await _complete(request, gen, seed, body.parameters)
+
+
+@router.post("/generate_stream", response_model=None, responses={**_STREAM_DOC, **_GEN_ERRORS},
+             summary="Generate text as server-sent events (TGI)")
+async def generate_stream(body: GenerateRequest, request: Request):
+    gen, seed = await _start(request, body)
+    return StreamingResponse(_events(request, gen, seed, body.parameters),
+                             media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@router.post("/", response_model=GenerateResponse, responses={**_STREAM_DOC, **_GEN_ERRORS},
+             summary="TGI compat route: /generate, or /generate_stream when stream=true")
+async def compat_generate(body: GenerateRequest, request: Request):
+    if body.stream:
+        return await generate_stream(body, request)
+    return await generate(body, request)
+
+
+async def _complete(request: Request, gen: Generation, seed: int | None, p: GenerateParameters):
+    server = server_of(request)
+    try:
+        (result,) = await collect(request, [gen])
+    except ClientGone:
+        return Response(status_code=499)
+    c = result.output.outputs[0]
+    answer = {"generated_text": generated_text(gen, c, p), "details": None}
+    if p.details:
+        tokens = result.tokens[0]
+        answer["details"] = {
+            "finish_reason": finish_reason(c), "generated_tokens": len(c.token_ids), "seed": seed,
+            "prefill": [{"id": i, "text": server.token_text(i), "logprob": None}
+                        for i in gen.prompt.ids] if p.decoder_input_details else [],
+            "tokens": [token_json(t) for t in tokens],
+            "top_tokens": [top_tokens_json(server, t) for t in tokens] if p.top_n_tokens else None,
+            "best_of_sequences": None}
+    return answer
+
+
+async def _events(request: Request, gen: Generation, seed: int | None, p: GenerateParameters):
+    server, index = server_of(request), 0
+    try:
+        async for out in gen:
+            c = out.outputs[0]
+            if c.finish_reason in ("abort", "error"):
+                raise APIError(503, "the server is shutting down; the request was aborted")
+            for j, token in enumerate(c.new_tokens):
+                index += 1
+                event = {"index": index, "token": token_json(token), "generated_text": None,
+                         "details": None,
+                         "top_tokens": top_tokens_json(server, token) if p.top_n_tokens else None}
+                if out.finished and j == len(c.new_tokens) - 1:
+                    event["generated_text"] = generated_text(gen, c, p)
+                    event["details"] = {"finish_reason": finish_reason(c), "generated_tokens": len(c.token_ids),
+                                        "seed": seed, "input_length": len(gen.prompt.ids)}
+                yield "data: " + json.dumps(event) + "\n\n"
+    except APIError as exc:
+        yield error_event(request.url.path, exc)
+    except Exception:
+        logger.exception("stream %s failed", info_of(request).request_id)
+        yield error_event(request.url.path, APIError(500, "internal server error (logged)"))
+
+
+@router.post("/tokenize", response_model=list[SimpleToken], responses=openapi_errors(401, 413, 422, 503),
+             summary="Tokenize text (TGI): ids with their text and character offsets")
+async def tokenize(body: TokenizeRequest, request: Request):
+    server = server_of(request)
+    server.require_ready()
+    encoded = await asyncio.to_thread(server.tokenizer.encode_with_offsets, body.inputs, body.add_special_tokens)
+    return [{"id": i, "text": body.inputs[start:stop] if stop > start else server.token_text(i),
+             "start": start, "stop": stop} for i, start, stop in encoded]
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=openapi_errors(401, 413, 422, 503),
+             summary="Token ids back to text")
+async def detokenize(body: DetokenizeRequest, request: Request):
+    server = server_of(request)
+    server.require_ready()
+    vocab = server.engine.model_config.vocab_size
+    bad = [i for i in body.inputs if i >= vocab]
+    if bad:
+        raise APIError(422, f"inputs: token id {bad[0]} is outside the vocabulary [0, {vocab})", param="inputs")
+    return {"text": server.tokenizer.decode(body.inputs, skip_special_tokens=body.skip_special_tokens)}

@@ -1,0 +1,193 @@
+"""The server's state: which models are loaded, whether it admits work, and its lifecycle.
+
+    loading --(models loaded and warm)--> ready --(SIGTERM)--> draining --> stopped
+        \\--(a model failed to load)--> failed
+
+Loading runs on a daemon thread so the HTTP server answers (503) while it lasts.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Callable
+
+from service.errors import APIError
+from service.metrics import Metrics
+from service.settings import Settings
+
+logger = logging.getLogger("service")
+
+VERSION = "0.1.0"
+_WARMUP_PROMPT = "Hello"
+
+
+@dataclass
+class RequestInfo:
+    """What the request log line and the request metrics need; routes fill it in."""
+    request_id: str
+    route: str
+    status: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt: str | None = None            # logged only with --log-prompts
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Server:
+    def __init__(self, settings: Settings, on_fatal: Callable[[str], None] | None = None):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.status = "loading"          # loading | ready | draining | failed | stopped
+        self.error: str | None = None
+        self.on_fatal = on_fatal
+        self.llm = None                  # AsyncLLMEngine
+        self.encoders: dict[str, Any] = {}   # "embed" / "classify" -> EncoderEngine
+        self.model_id = settings.model
+        self.num_admitting = 0           # past the queue check, not yet in the engine
+        self.started_at = int(time.time())
+        self._drained: asyncio.Task | None = None
+        self.metrics.set_build(VERSION, settings.model, settings.device, settings.dtype)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load and warm every model, then start the engine loops; never raises."""
+        try:
+            await _in_daemon_thread(self._load)
+        except Exception as exc:         # a bad checkpoint, no memory, ...
+            logger.exception("loading failed")
+            self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            if self.on_fatal is not None:
+                self.on_fatal(self.error)
+            return
+        if self.status == "loading":     # not draining already
+            self.status = "ready"
+            logger.info("ready: serving %s", self.model_id)
+
+    def _load(self) -> None:
+        from engine.async_engine import AsyncLLMEngine
+        from engine.config import EngineConfig
+        from engine.llm_engine import LLMEngine
+        s = self.settings
+        started = time.monotonic()
+        engine = LLMEngine(s.model, EngineConfig(
+            device=s.device, dtype=s.dtype, block_size=s.block_size,
+            kv_cache_memory=s.kv_cache_memory, max_num_seqs=s.max_num_seqs,
+            max_num_batched_tokens=s.max_num_batched_tokens, max_model_len=s.max_model_len,
+            enable_prefix_caching=s.enable_prefix_caching))
+        _warm_up(engine)
+        self._watch(engine)
+        logger.info("loaded %s on %s (%s) in %.1fs: max_model_len %d, %d KV blocks", s.model,
+                    engine.device, str(engine.dtype).removeprefix("torch."),
+                    time.monotonic() - started, engine.max_model_len, engine.block_manager.num_blocks)
+        self.llm = AsyncLLMEngine(engine)
+        self.llm.start()
+        self._load_encoders()
+
+    def _load_encoders(self) -> None:
+        """Embedding / classifier models, when the encoder engine is available (see app)."""
+
+    def _watch(self, engine) -> None:
+        metrics, blocks = self.metrics, engine.block_manager
+        metrics.start_prefix_counts(blocks.num_prefix_queries, blocks.num_prefix_hits)
+        engine.step_listeners.append(lambda stats: metrics.observe_step(stats, blocks))
+        metrics.set_build(VERSION, self.model_id, str(engine.device),
+                          str(engine.dtype).removeprefix("torch."))
+        metrics.bind_engine(lambda: self.llm.num_running if self.llm else 0,
+                            lambda: self.llm.num_waiting if self.llm else 0,
+                            lambda: blocks.usage,
+                            lambda: self.llm is not None and self.llm.is_alive)
+        self.token_text = lru_cache(maxsize=1 << 16)(
+            lambda token_id: engine.tokenizer.decode([token_id], skip_special_tokens=False))
+
+    async def drain(self) -> None:
+        """Stop admitting; let running requests finish up to --drain-timeout, abort the rest."""
+        if self._drained is None:
+            self._drained = asyncio.ensure_future(self._drain())
+        await asyncio.shield(self._drained)
+
+    async def _drain(self) -> None:
+        if self.status in ("loading", "ready"):
+            self.status = "draining"
+        timeout = self.settings.drain_timeout
+        logger.info("draining: %d request(s) in flight, up to %.0fs",
+                    self.llm.num_unfinished if self.llm else 0, timeout)
+        if self.llm is not None:
+            if not await self.llm.drain(timeout):
+                logger.warning("drain timeout: aborted the requests still running")
+        for encoder in self.encoders.values():
+            await asyncio.to_thread(encoder.stop, True, timeout)
+
+    async def stop(self) -> None:
+        await self.drain()
+        if self.llm is not None:
+            self.llm.abort_all()
+            await asyncio.sleep(0.05)    # let the loop deliver the aborts
+            self.llm.stop()
+        self.status = "stopped"
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def require_ready(self) -> None:
+        if self.status == "ready" and self.llm is not None:
+            return
+        raise APIError(503, {
+            "loading": "the model is still loading; retry shortly",
+            "failed": f"the model failed to load: {self.error}",
+        }.get(self.status, "the server is shutting down"), headers={"Retry-After": "1"})
+
+    def encoder_ids(self) -> dict[str, str]:
+        """task ("embed" / "classify") -> the id of the model serving it, once loaded."""
+        return {task: encoder.runner.model_id for task, encoder in self.encoders.items()}
+
+    @property
+    def engine(self):
+        return self.llm.engine
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.engine.max_model_len
+
+    @property
+    def tokenizer(self):
+        return self.llm.engine.tokenizer
+
+
+def _warm_up(engine) -> None:
+    """One real forward and sample, so the first client does not pay for lazy init."""
+    from engine.sampling import SamplingParams
+    prompt = engine.tokenizer.encode(_WARMUP_PROMPT) or [0]
+    engine.add_request("warmup", prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.block_manager.reset_prefix_cache()
+
+
+async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
+    """Like asyncio.to_thread, but a shutdown does not wait for the thread."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def run():
+        try:
+            result = fn()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
+
+    threading.Thread(target=run, name="model-loader", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

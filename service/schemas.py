@@ -1,0 +1,441 @@
+"""Request and response models of every route, with the bounds the server enforces.
+
+Requests forbid unknown fields (a misspelt option silently ignored is worse than a 422), but
+accept what real TGI / OpenAI clients send. Options we accept only at their neutral value
+(TGI's `watermark`, `best_of`; OpenAI's `suffix`, `logit_bias`, ...) answer 422 otherwise.
+Bounds that depend on the model (max_tokens <= max_model_len) are checked in the routes.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP = 16                 # stop strings per request
+MAX_STOP_CHARS = 512
+MAX_N = 16                    # completions per prompt
+MAX_PROMPTS = 32              # prompts in one /v1/completions request
+MAX_TOP = 20                  # top logprobs / top_n_tokens
+MAX_PROMPT_CHARS = 1_000_000
+MAX_PROMPT_IDS = 1_000_000
+MAX_TOKENS_BOUND = 2**31 - 1  # the static bound; the model's own is checked per request
+MAX_SEED = 2**64 - 1
+MAX_MESSAGES = 1024
+
+PositiveInt = Annotated[int, Field(ge=1, le=MAX_TOKENS_BOUND)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Temperature = Annotated[float, Field(ge=0.0, le=100.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+MinP = Annotated[float, Field(ge=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=-1, le=MAX_TOKENS_BOUND)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=100.0)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+NonEmptyText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _neutral(value: Any, neutral: tuple, what: str) -> Any:
+    if value not in neutral:
+        raise ValueError(f"{what} is not supported by this server")
+    return value
+
+
+def _stop_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+# --- errors ------------------------------------------------------------------------------
+
+class NativeError(BaseModel):
+    error: str
+    error_type: Literal["validation", "overloaded", "generation", "unauthorized", "not_ready"]
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIError
+
+
+# --- TGI: /generate, /generate_stream, / ------------------------------------------------
+
+class GenerateParameters(Strict):
+    max_new_tokens: PositiveInt | None = Field(100, description="default 100, as TGI")
+    temperature: Temperature | None = None
+    top_k: TopK | None = None
+    top_p: TopP | None = None
+    min_p: MinP | None = None
+    typical_p: float | None = Field(None, description="accepted only as null or 1.0")
+    repetition_penalty: RepetitionPenalty | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    do_sample: bool = Field(False, description="false and no sampling option set: greedy")
+    seed: Seed | None = None
+    stop: Annotated[list[StopString], Field(max_length=MAX_STOP)] = []
+    details: bool = False
+    decoder_input_details: bool = False
+    top_n_tokens: Annotated[int, Field(ge=0, le=MAX_TOP)] | None = None
+    return_full_text: bool | None = None
+    truncate: PositiveInt | None = Field(None, description="keep only the last N prompt tokens")
+    ignore_eos: bool = False
+    watermark: bool = Field(False, description="accepted only as false")
+    best_of: int | None = Field(None, description="accepted only as null or 1")
+    adapter_id: str | None = Field(None, description="accepted only as null")
+    grammar: dict | None = Field(None, description="accepted only as null")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v):
+        return [] if v is None else _stop_list(v)
+
+    @field_validator("typical_p")
+    @classmethod
+    def _typical(cls, v):
+        return _neutral(v, (None, 1.0), "typical_p other than 1.0")
+
+    @field_validator("watermark")
+    @classmethod
+    def _watermark(cls, v):
+        return _neutral(v, (False,), "watermark")
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v):
+        return _neutral(v, (None, 1), "best_of > 1")
+
+    @field_validator("adapter_id", "grammar")
+    @classmethod
+    def _null_only(cls, v, info):
+        return _neutral(v, (None,), info.field_name)
+
+
+class GenerateRequest(Strict):
+    inputs: NonEmptyText
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    stream: bool = Field(False, description="only on POST /: stream like /generate_stream")
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _null_parameters(cls, v):
+        return {} if v is None else v
+
+
+class Token(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class PrefillToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None = Field(description="null: prompt logprobs are not computed")
+
+
+class Details(BaseModel):
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    seed: int | None
+    prefill: list[PrefillToken]
+    tokens: list[Token]
+    top_tokens: list[list[Token]] | None = None
+    best_of_sequences: None = None
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamDetails(BaseModel):
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    seed: int | None
+    input_length: int
+
+
+class StreamResponse(BaseModel):
+    """One SSE event of /generate_stream; the last carries generated_text and details."""
+    index: int
+    token: Token
+    top_tokens: list[Token] | None = None
+    generated_text: str | None = None
+    details: StreamDetails | None = None
+
+
+class TokenizeRequest(Strict):
+    inputs: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+    add_special_tokens: bool = True
+    parameters: dict | None = Field(None, description="accepted for TGI compatibility; unused")
+
+
+class SimpleToken(BaseModel):
+    id: int
+    text: str
+    start: int
+    stop: int
+
+
+class DetokenizeRequest(Strict):
+    inputs: Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)]
+    skip_special_tokens: bool = True
+
+
+class DetokenizeResponse(BaseModel):
+    text: str
+
+
+# --- admin -------------------------------------------------------------------------------
+
+class Info(BaseModel):
+    model_id: str
+    model_dtype: str
+    model_device_type: str
+    model_pipeline_tag: str = "text-generation"
+    max_input_tokens: int
+    max_total_tokens: int
+    max_model_len: int
+    max_new_tokens_default: int
+    block_size: int
+    num_blocks: int
+    num_free_blocks: int
+    kv_cache_usage: float
+    num_requests_running: int
+    num_requests_waiting: int
+    max_num_seqs: int
+    max_queue: int
+    max_stop_sequences: int = MAX_STOP
+    max_best_of: int = 1
+    embedding_model_id: str | None = None
+    classifier_model_id: str | None = None
+    version: str
+
+
+class Health(BaseModel):
+    status: Literal["ok", "ready"]
+
+
+# --- OpenAI ------------------------------------------------------------------------------
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class SamplingFields(Strict):
+    """What completions and chat share."""
+    model: str | None = Field(None, description="the served model id (see /v1/models); null: it")
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = None
+    seed: Seed | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    ignore_eos: bool = False
+    user: str | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="accepted only when empty")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if isinstance(v, str) and not v:
+            raise ValueError("a stop string must not be empty")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        if v:
+            raise ValueError("logit_bias is not supported by this server")
+        return v
+
+    @model_validator(mode="after")
+    def _stream_options(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options needs stream=true")
+        return self
+
+
+PromptIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_IDS)]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: NonEmptyText | PromptIds | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_PROMPTS)] \
+        | Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    max_tokens: PositiveInt | None = Field(16, description="default 16, as OpenAI")
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP)] | None = None
+    echo: bool = False
+    best_of: int | None = Field(None, description="accepted only as null or equal to n")
+    suffix: str | None = Field(None, description="accepted only as null")
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v):
+        return _neutral(v, (None, ""), "suffix")
+
+    @model_validator(mode="after")
+    def _best_of(self):
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of other than n is not supported by this server")
+        return self
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | Annotated[list[TextPart], Field(max_length=256)] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ResponseFormat(Strict):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_tokens: PositiveInt | None = Field(None, description="null: up to the model's length")
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[dict], Field(max_length=0)] | None = Field(None, description="not supported: null or []")
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: bool | None = None
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _top_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprob] | None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE event of a streamed chat completion; the stream ends with `data: [DONE]`."""
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "attnserve"
+    max_model_len: int | None = None
+    task: Literal["generate", "embed", "classify"]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,124 @@
+"""Server settings: each flag `--x-y` is also the environment variable `ATTNSERVE_X_Y`.
+
+Flags win over the environment, the environment over defaults. `--api-key` repeats; its
+environment form is `ATTNSERVE_API_KEYS`, a comma-separated list (`ATTNSERVE_API_KEY` holds one).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Annotated, Any, Literal, Sequence
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from engine.config import parse_bytes
+
+ENV_PREFIX = "ATTNSERVE_"
+_NO_MODEL = ("", "none", "null", "off")
+
+_HELP = {
+    "model": "generation model: a default name, an HF checkpoint dir or a .gguf file",
+    "embedding_model": "encoder for /embed and /v1/embeddings ('none' serves no encoder)",
+    "classifier_model": "encoder for /classify (default: the embedding model, zero-shot)",
+    "api_keys": "accepted bearer key (repeatable); none configured means no auth",
+    "kv_cache_memory": "bytes for the KV pool, e.g. 2GiB (default: decided by the device)",
+    "max_queue": "waiting generation requests beyond which new ones get 429",
+    "drain_timeout": "seconds SIGTERM lets running requests finish before aborting them",
+    "log_prompts": "log prompt text (off: only sizes are logged)",
+    "max_body_bytes": "largest request body accepted (413 beyond; 0 = no limit)",
+    "cors_origins": "origins allowed by CORS (comma list; off by default)",
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True,
+                                      protected_namespaces=())
+
+    model: str = "smollm2-135m-instruct"
+    embedding_model: str | None = "all-minilm-l6-v2"
+    classifier_model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: Annotated[list[str], NoDecode] = []
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(512, ge=1)
+    block_size: int = Field(16, ge=1)
+    kv_cache_memory: int | None = None
+    max_model_len: int | None = Field(None, ge=2)
+    max_queue: int = Field(256, ge=1)
+    enable_prefix_caching: bool = True
+    drain_timeout: float = Field(30.0, ge=0)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_prompts: bool = False
+    max_body_bytes: int = Field(4 * 2**20, ge=0)
+    cors_origins: Annotated[list[str], NoDecode] = []
+
+    @field_validator("embedding_model", "classifier_model", mode="before")
+    @classmethod
+    def _none_means_off(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip().lower() in _NO_MODEL else value
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("kv_cache_memory", mode="before")
+    @classmethod
+    def _bytes(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NO_MODEL):
+            return None
+        try:
+            return parse_bytes(value)
+        except ValueError:
+            raise ValueError(f"not a size like 2GiB or 512MiB: {value!r}") from None
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    def __repr__(self) -> str:                # keys never reach logs
+        shown = {k: ("***" if k == "api_keys" and v else v) for k, v in self.model_dump().items()}
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+    __str__ = __repr__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description="attnserve: TGI/TEI/OpenAI-compatible inference server",
+        epilog=f"Every flag --x-y may also be set as the environment variable {ENV_PREFIX}X_Y.")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + ("api-key" if name == "api_keys" else name.replace("_", "-"))
+        help_text = _HELP.get(name, "") + f" (default: {field.default!r})"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        elif name == "api_keys":
+            parser.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS,
+                                metavar="KEY", help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = None) -> Settings:
+    """Flags over ATTNSERVE_* environment variables over defaults."""
+    given = vars(build_parser().parse_args(argv))
+    if "api_keys" not in given and os.environ.get(f"{ENV_PREFIX}API_KEY") \
+            and not os.environ.get(f"{ENV_PREFIX}API_KEYS"):
+        given["api_keys"] = os.environ[f"{ENV_PREFIX}API_KEY"]
+    return Settings(**given)
