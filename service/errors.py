@@ -111,6 +111,10 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI answers 400 for a body that is not UTF-8; to us that is a malformed body
+            return error_response(request.url.path, APIError(
+                422, "body: the body is not valid JSON (or not UTF-8)", param="body", code="invalid_json"))
         message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on "
                    f"{request.url.path}"}.get(exc.status_code, str(exc.detail))
         return error_response(request.url.path, APIError(exc.status_code, message, headers=exc.headers))

@@ -38,6 +38,8 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = ["--host", "127.0.0.1", "--port", str(self.port), *args]
+        if api_key:
+            self.args += ["--api-key", api_key]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), self.env.get("PYTHONPATH")]))
         self.api_key = api_key
@@ -145,6 +147,6 @@ def shared_server(request, name: str, args: list[str], api_key: str | None = Non
     return _shared[name]
 
 
-def sse_events(lines) -> list[str]:
-    """The `data:` payloads of an SSE line iterator."""
-    return [line[len("data:"):].strip() for line in lines if line.startswith("data:")]
+def sse_events(lines):
+    """The `data:` payloads of an SSE line iterator, as they come."""
+    return (line[len("data:"):].strip() for line in lines if line.startswith("data:"))
