@@ -1,7 +1,8 @@
 """The model runner: owns the KV pool, turns a ScheduledBatch into tensors, runs the model.
 
-The pool is one tensor (2, num_layers, num_blocks, block_size, num_kv_heads, head_dim);
-each attention layer is handed its (num_blocks, block_size, ...) slices of K and V.
+The pool is one tensor (2, num_layers, *layout), the layout being what the attention
+backend asks for (e.g. (num_kv_heads, num_blocks, block_size, head_dim)); each attention
+layer is handed its slices of K and V.
 """
 from __future__ import annotations
 
@@ -70,10 +71,11 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> torch.Tensor:
         c = self.model_config
-        # Zeroed, not empty: padding keys read stale slots, and 0 * NaN garbage would be NaN.
-        kv_cache = torch.zeros(2, c.num_layers, self.num_blocks, self.block_size,
-                               c.num_kv_heads, c.head_dim, dtype=self.dtype, device=self.device)
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.backend = layers[0].backend
+        shape = self.backend.kv_cache_shape(self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        # Zeroed, not empty: padding keys read stale slots, and 0 * NaN garbage would be NaN.
+        kv_cache = torch.zeros(2, c.num_layers, *shape, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(layers):
             attn.k_cache, attn.v_cache = kv_cache[0, i], kv_cache[1, i]
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", self.num_blocks,
@@ -84,13 +86,18 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Run one step; returns logits (len(batch.samples), vocab), one row per sample."""
         if batch.blocks_to_copy:
-            sources, targets = (torch.tensor(x, device=self.device) for x in zip(*batch.blocks_to_copy))
-            self.kv_cache[:, :, targets] = self.kv_cache[:, :, sources]
+            self.copy_blocks(batch.blocks_to_copy)
         input_ids, positions, meta = self.prepare_inputs(batch)
         hidden = self.model(input_ids, positions, meta)               # (num_tokens, hidden)
         last_rows = torch.tensor(batch.num_new_tokens).cumsum(0) - 1
         rows = last_rows[[index for _, index in batch.samples]].to(self.device)
         return self.model.compute_logits(hidden[rows])
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: whole blocks, every layer, K and V."""
+        sources, targets = (torch.tensor(x, device=self.device) for x in zip(*pairs))
+        axis = 2 + self.backend.block_axis                  # past the (K/V, layer) axes
+        self.kv_cache.index_copy_(axis, targets, self.kv_cache.index_select(axis, sources))
 
     def prepare_inputs(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
         token_ids: list[int] = []

@@ -9,6 +9,7 @@ Sequences with one new token (decodes) and those with several (prefill chunks) a
 two groups, each padded to one batched SDPA call with a boolean mask, so a step costs at
 most two attention calls per layer whatever its mix. Keys are read from the cache by whole
 blocks (one index_select per group), which is what makes the paged layout cheap on a CPU.
+Each backend decides its cache layout (`kv_cache_shape`); the runner allocates it.
 
 `AttnMetadata` is built once per step by `build_attn_metadata` and handed to every layer.
 Backends share one signature; the runner picks one per device and sets it on each
@@ -49,21 +50,36 @@ class AttnMetadata:
 
 
 class AttentionBackend(Protocol):
+    block_axis: int                     # which axis of kv_cache_shape counts blocks
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_dim: int) -> tuple[int, ...]: ...
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
                 meta: AttnMetadata, scale: float) -> torch.Tensor: ...
 
 
 class TorchAttention:
-    """Reference backend in plain PyTorch; runs on any device."""
+    """Reference backend in plain PyTorch; runs on any device.
+
+    Its cache is head-major, (num_kv_heads, num_blocks, block_size, head_dim): gathering a
+    group's blocks then yields each head's keys contiguous, (kv_heads, b, max_k, dim), so the
+    attention matmuls run on dense batches with no further copy.
+    """
+
+    block_axis = 1
+
+    def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
+        return (num_kv_heads, num_blocks, block_size, head_dim)
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         # q: (num_tokens, num_heads, head_dim); k, v: (num_tokens, num_kv_heads, head_dim)
         if meta.slot_mapping is not None:
             write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-            k_source, v_source = k_cache, v_cache          # (num_blocks, block_size, kv_heads, dim)
-        else:
-            k_source, v_source = k.unsqueeze(1), v.unsqueeze(1)  # every token its own "block"
+            k_source, v_source = k_cache, v_cache          # (kv_heads, num_blocks, block_size, dim)
+        else:                                              # every token its own one-slot "block"
+            k_source, v_source = k.transpose(0, 1).unsqueeze(2), v.transpose(0, 1).unsqueeze(2)
         out = torch.empty_like(q)
         for group in (meta.decode, meta.prefill):
             if group is not None:
@@ -72,40 +88,44 @@ class TorchAttention:
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
-    num_kv_heads, head_dim = k.shape[1:]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    num_kv_heads, _, _, head_dim = k_cache.shape
+    k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, k.transpose(0, 1))
+    v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
 def padded_attention(q, k_source, v_source, group: AttnGroup, scale: float) -> torch.Tensor:
     """SDPA for one group; returns (num_queries, num_heads, head_dim) in token_rows order."""
     num_heads, head_dim = q.shape[1:]
-    num_kv_heads = k_source.shape[2]
+    num_kv_heads = k_source.shape[0]
     per_kv = num_heads // num_kv_heads
     b, max_q = group.num_seqs, group.max_q
 
-    padded_q = q.new_zeros(b * max_q, num_heads, head_dim)
-    padded_q[group.query_slots] = q[group.token_rows]
+    if max_q == 1:                                         # decodes: nothing to pad
+        padded_q = q[group.token_rows]
+    else:
+        padded_q = q.new_zeros(b * max_q, num_heads, head_dim)
+        padded_q[group.query_slots] = q[group.token_rows]
     # Grouped-query attention without copying K/V per query head: the query heads that share
-    # a KV head are stacked along the query axis, (b, kv_heads, per_kv * max_q, head_dim).
+    # a KV head are stacked along the query axis, (kv_heads, b, per_kv * max_q, head_dim).
     padded_q = (padded_q.view(b, max_q, num_kv_heads, per_kv, head_dim)
-                .permute(0, 2, 3, 1, 4).reshape(b, num_kv_heads, per_kv * max_q, head_dim))
-    keys = gather_blocks(k_source, group.key_blocks)       # (b, kv_heads, max_k, head_dim)
+                .permute(2, 0, 3, 1, 4).reshape(num_kv_heads, b, per_kv * max_q, head_dim))
+    keys = gather_blocks(k_source, group.key_blocks)       # (kv_heads, b, max_k, head_dim)
     values = gather_blocks(v_source, group.key_blocks)
-    mask = group.mask if per_kv == 1 else group.mask.repeat(1, 1, per_kv, 1)
+    mask = group.mask.transpose(0, 1)                       # (1, b, max_q, max_k)
+    mask = mask if per_kv == 1 else mask.repeat(1, 1, per_kv, 1)
 
     out = F.scaled_dot_product_attention(padded_q, keys, values, attn_mask=mask, scale=scale)
-    out = (out.view(b, num_kv_heads, per_kv, max_q, head_dim)
-           .permute(0, 3, 1, 2, 4).reshape(b * max_q, num_heads, head_dim))
-    return out[group.query_slots]
+    out = (out.view(num_kv_heads, b, per_kv, max_q, head_dim)
+           .permute(1, 3, 0, 2, 4).reshape(b * max_q, num_heads, head_dim))
+    return out if max_q == 1 else out[group.query_slots]
 
 
 def gather_blocks(source: torch.Tensor, key_blocks: torch.Tensor) -> torch.Tensor:
-    """(num_blocks, block_size, kv_heads, dim)[key_blocks] -> (b, kv_heads, max_k, dim)."""
+    """(kv_heads, num_blocks, block_size, dim) at key_blocks -> (kv_heads, b, max_k, dim)."""
     b, max_blocks = key_blocks.shape
-    _, block_size, num_kv_heads, head_dim = source.shape
-    gathered = source.index_select(0, key_blocks.flatten())
-    return gathered.view(b, max_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
+    num_kv_heads, _, block_size, head_dim = source.shape
+    gathered = source.index_select(1, key_blocks.flatten())
+    return gathered.view(num_kv_heads, b, max_blocks * block_size, head_dim)
 
 
 class Attention(nn.Module):
@@ -116,7 +136,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale if scale is not None else head_dim ** -0.5
         self.backend: AttentionBackend = TorchAttention()
-        self.k_cache: torch.Tensor | None = None   # (num_blocks, block_size, kv_heads, dim), set by the runner
+        self.k_cache: torch.Tensor | None = None   # laid out as backend.kv_cache_shape says; set by the runner
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, q, k, v, meta: AttnMetadata) -> torch.Tensor:
