@@ -166,6 +166,26 @@ def test_engine_limits(make_engine):
         engine.submit_embed("late")
 
 
+def test_cancelled_requests_are_not_run(make_engine):
+    engine, release, seen = make_engine(), threading.Event(), []
+    run = engine.runner.run
+
+    def held(items):
+        release.wait(30)
+        seen.extend(item.token_ids for item in items)
+        return run(items)
+    engine.runner.run = held
+    first = engine.submit_embed("first")
+    while engine.num_queued:
+        time.sleep(0.001)
+    cancelled = engine.submit_embed([[101, 2, 102]])
+    assert cancelled.cancel()
+    release.set()
+    assert len(first.result(30).data) == 1
+    assert engine.submit_embed("after").result(30).num_tokens == 3
+    assert [101, 2, 102] not in seen
+
+
 # --- failures ---
 
 def test_a_failing_input_fails_only_its_request(make_engine, singles):
