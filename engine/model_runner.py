@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from engine.config import EngineConfig, ModelConfig
-from engine.layers.attention import Attention, AttnMetadata, build_attn_metadata
+from engine.layers.attention import (Attention, AttentionBackend, AttnMetadata, TorchAttention,
+                                    build_attn_metadata)
 from engine.scheduler import ScheduledBatch
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,17 @@ def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None)
     return torch.float16 if checkpoint_dtype == "float16" else torch.bfloat16
 
 
+def select_backend(config: ModelConfig, device: torch.device) -> AttentionBackend:
+    """The one place the attention implementation is chosen: Triton kernels on CUDA when the
+    head size suits them, the PyTorch reference everywhere else."""
+    if device.type == "cuda":
+        from engine.layers import triton_attention        # CPU-only installs never import triton
+        if triton_attention.supports_head_dim(config.head_dim):
+            return triton_attention.CudaAttention(sliding_window=config.sliding_window)
+        logger.warning("head_dim %d has no Triton kernel; using the PyTorch attention", config.head_dim)
+    return TorchAttention()
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, model_config: ModelConfig, engine_config: EngineConfig,
                  device: torch.device, dtype: torch.dtype):
@@ -47,6 +59,7 @@ class ModelRunner:
         self.device, self.dtype = device, dtype
         self.block_size = engine_config.block_size
         self.num_blocks = self._decide_num_blocks()
+        self.backend = select_backend(model_config, device)
         self.kv_cache = self._allocate_kv_cache()
 
     @property
@@ -72,11 +85,11 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> torch.Tensor:
         c = self.model_config
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.backend = layers[0].backend
         shape = self.backend.kv_cache_shape(self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
         # Zeroed, not empty: padding keys read stale slots, and 0 * NaN garbage would be NaN.
         kv_cache = torch.zeros(2, c.num_layers, *shape, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(layers):
+            attn.backend = self.backend
             attn.k_cache, attn.v_cache = kv_cache[0, i], kv_cache[1, i]
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", self.num_blocks,
                     self.block_size, kv_cache.numel() * kv_cache.element_size() / 2**20, self.device)
