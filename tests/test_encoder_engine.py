@@ -112,6 +112,12 @@ def test_token_id_inputs(encoder, singles):
     assert close(encoder.embed(ids[0]), [singles[TEXTS[0]]])          # one id list = one input
 
 
+def test_encoder_properties(encoder):
+    assert (encoder.model_id, encoder.max_length, encoder.dimension, encoder.labels) == \
+        (MODEL, 256, 384, ())
+    assert encoder.tokenize("Hello") == [101, 7592, 102]
+
+
 def test_normalize_flag(encoder):
     raw, unit = encoder.embed("hello world", normalize=False)[0], encoder.embed("hello world")[0]
     norm = torch.tensor(raw).norm()

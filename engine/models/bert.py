@@ -137,6 +137,9 @@ class BertTrunk(nn.Module):
         self.pooler = nn.ModuleDict({"dense": nn.Linear(config.hidden_size, config.hidden_size)}
                                     ) if with_pooler else None
 
+    def forward(self, input_ids, positions, meta, token_type_ids):
+        return self.encoder(self.embeddings(input_ids, positions, token_type_ids), meta)
+
 
 class BertMLMHead(nn.Module):
     """HF's cls.predictions without its decoder weight, which is the word embedding (tied)."""
@@ -181,8 +184,7 @@ class BertModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttnMetadata,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions, token_type_ids: (num_tokens,) -> (num_tokens, hidden)."""
-        hidden = self.bert.embeddings(input_ids, positions, token_type_ids)
-        return self.bert.encoder(hidden, attn_metadata)
+        return self.bert(input_ids, positions, attn_metadata, token_type_ids)
 
     def pool(self, hidden: torch.Tensor, seq_lens: torch.Tensor, mode: str) -> torch.Tensor:
         """(num_tokens, hidden) rows of sequences laid end to end -> (num_seqs, hidden)."""
