@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
                   strict_content_type=False)
     app.state.server = server
     install_handlers(app)
-    routers = [native.router, openai.router, admin.router, *_encoder_routers(server)]
+    routers = [native.router, openai.router, admin.router]
     for router in routers:
         app.include_router(router)
     routes = frozenset(route.path for router in routers for route in router.routes) | _DOC_PATHS
@@ -62,8 +62,3 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
                            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
                            expose_headers=["X-Request-Id", "Retry-After"])
     return app
-
-
-def _encoder_routers(server: Server) -> list:
-    """/embed, /v1/embeddings, /classify, /predict: once the encoder engine exists."""
-    return []

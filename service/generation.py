@@ -208,7 +208,7 @@ def sampling_params(**fields) -> SamplingParams:
 async def collect(request: Request, gens: list[Generation]) -> list[Result]:
     """Run every generation to its end while watching the client; ClientGone if it left."""
     work = asyncio.ensure_future(asyncio.gather(*(_collect_one(g) for g in gens)))
-    watcher = asyncio.ensure_future(_disconnected(request))
+    watcher = asyncio.ensure_future(client_disconnected(request))
     try:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -237,7 +237,7 @@ async def _collect_one(gen: Generation) -> Result:
     return Result(last, tokens)
 
 
-async def _disconnected(request: Request) -> None:
+async def client_disconnected(request: Request) -> None:
     # The body has been read: the next message is http.disconnect, when the client leaves.
     while True:
         message = await request.receive()

@@ -89,7 +89,27 @@ class Server:
         self._load_encoders()
 
     def _load_encoders(self) -> None:
-        """Embedding / classifier models, when the encoder engine is available (see app)."""
+        """The embedding and classifier models; one engine when both name the same model."""
+        from engine.encoder_engine import EncoderEngine
+        from engine.model_runner import resolve_device, resolve_dtype
+        s = self.settings
+        device = resolve_device(s.device)
+        dtype = resolve_dtype(s.dtype, device, None)
+        by_model: dict[str, Any] = {}
+        for task, model in (("embed", s.embedding_model), ("classify", s.classifier_model or s.embedding_model)):
+            if model is None:
+                continue
+            if model not in by_model:
+                started = time.monotonic()
+                encoder = EncoderEngine(model, device=str(device), dtype=dtype)
+                encoder.start()
+                encoder.submit_embed(["warm up"]).result()          # one real forward
+                encoder.on_batch = self.metrics.observe_embed_batch
+                by_model[model] = encoder
+                logger.info("loaded encoder %s in %.1fs: max length %d, dimension %d", model,
+                            time.monotonic() - started, encoder.runner.max_length,
+                            encoder.runner.config.hidden_size)
+            self.encoders[task] = by_model[model]
 
     def _watch(self, engine) -> None:
         metrics, blocks = self.metrics, engine.block_manager
@@ -119,7 +139,7 @@ class Server:
         if self.llm is not None:
             if not await self.llm.drain(timeout):
                 logger.warning("drain timeout: aborted the requests still running")
-        for encoder in self.encoders.values():
+        for encoder in {id(e): e for e in self.encoders.values()}.values():
             await asyncio.to_thread(encoder.stop, True, timeout)
 
     async def stop(self) -> None:

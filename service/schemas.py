@@ -439,3 +439,68 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# --- encoders: TEI /embed, /classify; OpenAI /v1/embeddings -------------------------------
+
+MAX_EMBED_INPUTS = 2048       # the encoder engine's per-request limit
+MAX_LABELS = 64
+
+EmbedInputs = NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_EMBED_INPUTS)] \
+    | PromptIds | Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+
+
+class EmbedRequest(Strict):
+    inputs: EmbedInputs
+    normalize: bool = True
+    truncate: bool = Field(False, description="cut inputs longer than the model allows (else 400)")
+    truncation_direction: Literal["Right", "right"] = Field("Right", description="only Right is supported")
+    prompt_name: None = Field(None, description="not supported: null")
+
+
+class ClassifyParameters(Strict):
+    """What huggingface_hub's text_classification sends."""
+    top_k: Annotated[int, Field(ge=1, le=MAX_LABELS)] | None = Field(None, description="keep the best k labels")
+    function_to_apply: None = Field(None, description="not supported: null")
+
+
+class ClassifyRequest(Strict):
+    inputs: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+    candidate_labels: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]],
+                                Field(min_length=1, max_length=MAX_LABELS)] | None = Field(
+        None, description="zero-shot labels; null: the model's own classification head")
+    truncate: bool = False
+    truncation_direction: Literal["Right", "right"] = "Right"
+    raw_scores: Literal[False] = Field(False, description="not supported: false")
+    parameters: ClassifyParameters | None = None
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class EmbeddingRequest(Strict):
+    input: EmbedInputs
+    model: str | None = Field(None, description="the served embedding model id; null: it")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = Field(None, description="null or the model's own size")
+    user: str | None = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,8 +24,10 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-5f2c"
-TINY_ARGS = ["--kv-cache-memory", "16MiB", "--embedding-model", "none", "--max-num-seqs", "8",
-             "--log-level", "info"]
+TINY_ARGS = ["--kv-cache-memory", "16MiB", "--max-num-seqs", "8", "--log-level", "info"]
+NO_ENCODER = ["--embedding-model", "none"]
+EMBEDDING_MODEL = "all-minilm-l6-v2"          # small: the real one loads in a couple of seconds
+LABELS = ("negative", "neutral", "positive")
 
 
 def free_port() -> int:
@@ -150,3 +153,36 @@ def shared_server(request, name: str, args: list[str], api_key: str | None = Non
 def sse_events(lines):
     """The `data:` payloads of an SSE line iterator, as they come."""
     return (line[len("data:"):].strip() for line in lines if line.startswith("data:"))
+
+
+def main_server(request) -> ServerProcess:
+    """The session's main server: tiny LLaMA, the real MiniLM embedder, a tiny classifier
+    with a head, and an API key."""
+    llama = request.getfixturevalue("tiny_llama")
+    return shared_server(request, "main", ["--model", str(llama), *TINY_ARGS, "--embedding-model",
+                                           EMBEDDING_MODEL, "--classifier-model", tiny_classifier(request)],
+                         api_key=API_KEY)
+
+
+_classifier: list[str] = []
+
+
+def tiny_classifier(request) -> str:
+    """A random tiny BertForSequenceClassification (3 labels) with MiniLM's tokenizer."""
+    if not _classifier:
+        import torch
+        import transformers
+        from engine.loader import resolve_model_path
+        directory = Path(tempfile.mkdtemp(prefix="attnserve-classifier-"))
+        request.config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
+        torch.manual_seed(0)
+        config = transformers.BertConfig(
+            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=128, num_labels=len(LABELS),
+            id2label=dict(enumerate(LABELS)), label2id={label: i for i, label in enumerate(LABELS)})
+        transformers.BertForSequenceClassification(config).eval().save_pretrained(directory)
+        source = resolve_model_path(EMBEDDING_MODEL)
+        for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(source / name, directory / name)
+        _classifier.append(str(directory))
+    return _classifier[0]

@@ -9,14 +9,14 @@ import pytest
 from huggingface_hub import InferenceClient
 from openai import OpenAI
 
-from service_helpers import API_KEY, TINY_ARGS, shared_server, sse_events
+from service_helpers import API_KEY, EMBEDDING_MODEL, LABELS, main_server, sse_events
 
 PROMPT = "The cat sat on the"
 
 
 @pytest.fixture(scope="module")
-def server(request, tiny_llama):
-    return shared_server(request, "main", ["--model", str(tiny_llama), *TINY_ARGS], api_key=API_KEY)
+def server(request):
+    return main_server(request)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,7 @@ def model_id(server) -> str:
 
 def test_models_lists_the_served_model(server, oai, tiny_llama):
     models = oai.models.list().data
-    assert [m.id for m in models] == [str(tiny_llama)]
-    assert models[0].object == "model"
+    assert models[0].id == str(tiny_llama) and models[0].object == "model"
 
 
 def test_completion(server, oai):
@@ -242,6 +241,74 @@ def test_tokenize_and_detokenize(server):
     assert text == "The cat sat"
 
 
+# -- encoders (the real all-MiniLM-L6-v2, a tiny classifier with a head) ----------------------
+
+def cosine(a, b) -> float:
+    return sum(x * y for x, y in zip(a, b)) / (sum(x * x for x in a) * sum(y * y for y in b)) ** 0.5
+
+
+def test_openai_embeddings(server, oai):
+    texts = ["A man is eating food.", "A man is eating a meal.", "The stock market fell sharply."]
+    out = oai.embeddings.create(model=EMBEDDING_MODEL, input=texts)       # the client asks for base64
+    vectors = [d.embedding for d in out.data]
+    assert [d.index for d in out.data] == [0, 1, 2] and out.model == EMBEDDING_MODEL
+    assert all(len(v) == 384 and abs(sum(x * x for x in v) - 1) < 1e-4 for v in vectors)
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2]) + 0.3
+    assert out.usage.prompt_tokens == out.usage.total_tokens > 3 * 3
+    floats = server.post("/v1/embeddings", json={"input": texts, "encoding_format": "float"}).json()
+    for vector, data in zip(vectors, floats["data"]):
+        assert data["embedding"] == pytest.approx(vector, abs=1e-6)
+    one = oai.embeddings.create(model=EMBEDDING_MODEL, input="A man is eating food.", encoding_format="float")
+    assert one.data[0].embedding == pytest.approx(vectors[0], abs=1e-5)   # batching changes nothing
+
+
+def test_tei_embed(server):
+    texts = ["A man is eating food.", "ok"]
+    vectors = server.post("/embed", json={"inputs": texts}).json()
+    assert len(vectors) == 2 and len(vectors[0]) == 384
+    raw = server.post("/embed", json={"inputs": texts[0], "normalize": False}).json()
+    norm = sum(x * x for x in raw[0]) ** 0.5
+    assert abs(norm - 1) > 1e-3 and [x / norm for x in raw[0]] == pytest.approx(vectors[0], abs=1e-5)
+    client = InferenceClient(base_url=server.url + "/embed", api_key=API_KEY)
+    assert client.feature_extraction(texts[0])[0].tolist() == pytest.approx(vectors[0], abs=1e-5)
+    long = "word " * 400
+    r = server.post("/embed", json={"inputs": long})
+    assert r.status_code == 400 and "256" in r.json()["error"]
+    assert len(server.post("/embed", json={"inputs": long, "truncate": True}).json()[0]) == 384
+
+
+def test_tei_classify_with_the_head_and_zero_shot(server):
+    scores = server.post("/classify", json={"inputs": ["I love it", "I hate it"]}).json()
+    assert len(scores) == 2
+    for row in scores:
+        assert sorted(s["label"] for s in row) == sorted(LABELS)
+        assert [s["score"] for s in row] == sorted((s["score"] for s in row), reverse=True)
+        assert sum(s["score"] for s in row) == pytest.approx(1, abs=1e-5)
+    assert server.post("/predict", json={"inputs": ["I love it", "I hate it"]}).json() == scores
+    zero_shot = server.post("/classify", json={"inputs": "The match ended 2-1",
+                                               "candidate_labels": ["sports", "politics"]}).json()
+    assert sorted(s["label"] for s in zero_shot[0]) == ["politics", "sports"]
+    client = InferenceClient(base_url=server.url + "/classify", api_key=API_KEY)
+    best = client.text_classification("I love it", top_k=1)
+    assert len(best) == 1 and best[0].label == scores[0][0]["label"]
+
+
+def test_models_lists_every_served_model(server, oai, tiny_llama):
+    cards = {m.id: m for m in oai.models.list().data}
+    assert set(cards) == {str(tiny_llama), EMBEDDING_MODEL, server.args[server.args.index("--classifier-model") + 1]}
+    info = server.get("/info").json()
+    assert info["embedding_model_id"] == EMBEDDING_MODEL
+
+
+def test_embed_metrics(server):
+    inputs = server.metric("attnserve_embed_inputs_total")
+    batches = server.metric("attnserve_embed_batch_size_count")
+    assert server.post("/embed", json={"inputs": ["a", "b", "c"]}).status_code == 200
+    assert server.post("/v1/embeddings", json={"input": "d"}).status_code == 200
+    assert server.metric("attnserve_embed_inputs_total") - inputs == 4
+    assert server.metric("attnserve_embed_batch_size_count") - batches >= 2
+
+
 # -- operations ---------------------------------------------------------------------------
 
 def test_health_ready_info(server, tiny_llama):
@@ -265,7 +332,8 @@ def test_openapi_documents_routes_and_errors(server):
     spec = server.get("/openapi.json").json()
     paths = spec["paths"]
     for path in ("/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions",
-                 "/v1/models", "/tokenize", "/detokenize", "/health", "/ready", "/info", "/metrics"):
+                 "/v1/models", "/v1/embeddings", "/embed", "/classify", "/predict", "/tokenize",
+                 "/detokenize", "/health", "/ready", "/info", "/metrics"):
         assert path in paths, path
     completions = paths["/v1/completions"]["post"]["responses"]
     assert {"200", "400", "401", "404", "413", "422", "429", "503"} <= set(completions)

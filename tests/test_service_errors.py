@@ -10,12 +10,12 @@ import pytest
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError as HubValidationError
 
-from service_helpers import API_KEY, TINY_ARGS, shared_server
+from service_helpers import API_KEY, main_server
 
 
 @pytest.fixture(scope="module")
-def server(request, tiny_llama):
-    return shared_server(request, "main", ["--model", str(tiny_llama), *TINY_ARGS], api_key=API_KEY)
+def server(request):
+    return main_server(request)
 
 
 def native_error(r: httpx.Response, status: int, error_type: str) -> str:
@@ -137,6 +137,33 @@ def test_clients_see_typed_errors(server):
         openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
     with pytest.raises(HubValidationError):
         InferenceClient(base_url=server.url, api_key=API_KEY).text_generation("hi", max_new_tokens=10**6)
+
+
+@pytest.mark.parametrize("route, body, field", [
+    ("/embed", {"inputs": []}, "inputs"),
+    ("/embed", {"inputs": ""}, "inputs"),
+    ("/embed", {"inputs": ["ok", ""]}, "inputs"),
+    ("/embed", {"inputs": "ok", "pooling": "cls"}, "pooling"),
+    ("/embed", {"inputs": [[1, 2, 10**9]]}, "inputs"),
+    ("/embed", {"inputs": ["x"] * 2049}, "inputs"),
+    ("/embed", {"inputs": "ok", "truncation_direction": "Left"}, "truncation_direction"),
+    ("/classify", {"inputs": "ok", "candidate_labels": ["a", "a"]}, "candidate_labels"),
+    ("/classify", {"inputs": "ok", "candidate_labels": []}, "candidate_labels"),
+    ("/classify", {"inputs": "ok", "raw_scores": True}, "raw_scores"),
+    ("/predict", {"inputs": [["a", "b"]]}, "inputs"),
+])
+def test_encoder_validation(server, route, body, field):
+    message = native_error(server.post(route, json=body), 422, "validation")
+    assert message.startswith(field), message
+
+
+def test_embeddings_validation(server):
+    assert openai_error(server.post("/v1/embeddings", json={"input": "hi", "model": "ada"}), 404)["code"] == "model_not_found"
+    assert openai_error(server.post("/v1/embeddings", json={"input": "hi", "dimensions": 10}), 422)["param"] == "dimensions"
+    assert openai_error(server.post("/v1/embeddings", json={"input": []}), 422)["param"] == "input"
+    assert openai_error(server.post("/v1/embeddings", json={"input": "hi", "encoding_format": "int8"}), 422)["param"] == "encoding_format"
+    too_long = openai_error(server.post("/v1/embeddings", json={"input": "word " * 400}), 400)
+    assert "256" in too_long["message"]
 
 
 # -- 400 --------------------------------------------------------------------------------------

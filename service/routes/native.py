@@ -1,5 +1,5 @@
 """TGI routes: /generate, /generate_stream, / (TGI's compat route: `stream` picks), /tokenize,
-/detokenize.
+/detokenize; TEI routes: /embed, /classify (alias /predict).
 
 TGI semantics: max_new_tokens defaults to 100; sampling happens when do_sample is true or a
 sampling option (temperature != 1, top_k, top_p < 1, min_p) is set, and temperature 0 is
@@ -18,14 +18,16 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from engine.outputs import CompletionOutput, GeneratedToken
+from service.encoding import encode, submit_classify, submit_embed
 from service.errors import APIError, error_event, openapi_errors
 from service.generation import ClientGone, Generation, admit, check_max_tokens, collect, sampling_params
 from service.runtime import Server
-from service.schemas import (DetokenizeRequest, DetokenizeResponse, GenerateParameters, GenerateRequest,
-                             GenerateResponse, SimpleToken, StreamResponse, TokenizeRequest)
+from service.schemas import (ClassifyRequest, DetokenizeRequest, DetokenizeResponse, EmbedRequest,
+                             GenerateParameters, GenerateRequest, GenerateResponse, LabelScore, SimpleToken,
+                             StreamResponse, TokenizeRequest)
 
 logger = logging.getLogger("service")
-router = APIRouter(tags=["TGI"])
+router = APIRouter(tags=["TGI / TEI"])
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _GEN_ERRORS = openapi_errors(400, 401, 413, 422, 429, 500, 503)
@@ -184,3 +186,35 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     if bad:
         raise APIError(422, f"inputs: token id {bad[0]} is outside the vocabulary [0, {vocab})", param="inputs")
     return {"text": server.tokenizer.decode(body.inputs, skip_special_tokens=body.skip_special_tokens)}
+
+
+# -- TEI -------------------------------------------------------------------------------------
+
+_ENC_ERRORS = openapi_errors(400, 401, 404, 413, 422, 429, 503)
+
+
+@router.post("/embed", response_model=list[list[float]], responses=_ENC_ERRORS,
+             summary="Embeddings (TEI): one vector per input, L2-normalized unless normalize=false")
+async def embed(body: EmbedRequest, request: Request):
+    try:
+        output = await encode(request, server_of(request), info_of(request), "embed", submit_embed,
+                              body.inputs, body.normalize, body.truncate)
+    except ClientGone:
+        return Response(status_code=499)
+    return output.data
+
+
+@router.post("/classify", response_model=list[list[LabelScore]], responses=_ENC_ERRORS,
+             summary="Classification (TEI): labels with scores, best first; zero-shot with candidate_labels")
+async def classify(body: ClassifyRequest, request: Request):
+    try:
+        output = await encode(request, server_of(request), info_of(request), "classify", submit_classify,
+                              body.inputs, body.candidate_labels, body.truncate)
+    except ClientGone:
+        return Response(status_code=499)
+    top_k = body.parameters.top_k if body.parameters else None
+    return [scores[:top_k] for scores in output.data] if top_k else output.data
+
+
+router.add_api_route("/predict", classify, methods=["POST"], response_model=list[list[LabelScore]],
+                     responses=_ENC_ERRORS, summary="Alias of /classify (TEI)")

@@ -1,4 +1,4 @@
-"""OpenAI routes: /v1/completions, /v1/chat/completions, /v1/models.
+"""OpenAI routes: /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models.
 
 Streams send `text_completion` / `chat.completion.chunk` objects and end with `data: [DONE]`;
 with stream_options.include_usage the last chunk before it has empty choices and the usage.
@@ -7,6 +7,7 @@ Choices are indexed prompt_index * n + i.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import math
@@ -17,12 +18,13 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from engine.outputs import CompletionOutput, GeneratedToken
+from service.encoding import encode, encoder_for, submit_embed
 from service.errors import APIError, error_event, openapi_errors
 from service.generation import ClientGone, Generation, admit, check_max_tokens, collect, merge, sampling_params
 from service.routes.native import SSE_HEADERS, info_of, server_of
 from service.runtime import VERSION, Server
 from service.schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
-                             CompletionRequest, ModelList, SamplingFields)
+                             CompletionRequest, EmbeddingRequest, EmbeddingResponse, ModelList, SamplingFields)
 
 logger = logging.getLogger("service")
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
@@ -36,9 +38,8 @@ def _stream_doc(model) -> dict:
                   "ending with `data: [DONE]`", "content": {"text/event-stream": {}}}}
 
 
-def check_model(server: Server, model: str | None, task: str = "generate") -> str:
-    served = {"generate": server.model_id, "embed": server.settings.embedding_model,
-              "classify": server.settings.classifier_model or server.settings.embedding_model}[task]
+def check_model(server: Server, model: str | None, served: str | None = None) -> str:
+    served = served or server.model_id
     if model is not None and model != served:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {served!r} "
                        "(see /v1/models)", param="model", code="model_not_found")
@@ -278,6 +279,34 @@ async def _chat_events(request: Request, body: ChatCompletionRequest, gen: Gener
         yield error_event(request.url.path, APIError(500, "internal server error (logged)"))
 
 
+# -- embeddings --------------------------------------------------------------------------------
+
+@router.post("/embeddings", response_model=EmbeddingResponse, responses=_ERRORS,
+             summary="Embeddings (OpenAI), L2-normalized")
+async def embeddings(body: EmbeddingRequest, request: Request):
+    server = server_of(request)
+    encoder = encoder_for(server, "embed")
+    model = check_model(server, body.model, encoder.runner.model_id)
+    dimension = encoder.runner.config.hidden_size
+    if body.dimensions is not None and body.dimensions != dimension:
+        raise APIError(422, f"dimensions: this model's embeddings have {dimension} dimensions, "
+                       f"got {body.dimensions}", param="dimensions", code="invalid_value")
+    try:
+        output = await encode(request, server, info_of(request), "embed", submit_embed, body.input, True, False)
+    except ClientGone:
+        return Response(status_code=499)
+    data = [{"object": "embedding", "index": i,
+             "embedding": _base64(vector) if body.encoding_format == "base64" else vector}
+            for i, vector in enumerate(output.data)]
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": output.num_tokens, "total_tokens": output.num_tokens}}
+
+
+def _base64(vector: list[float]) -> str:
+    import numpy as np
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+
+
 # -- models ------------------------------------------------------------------------------------
 
 @router.get("/models", response_model=ModelList, responses=openapi_errors(401, openai=True),
@@ -287,7 +316,10 @@ async def models(request: Request):
     created = server.started_at
     cards = [{"id": server.model_id, "object": "model", "created": created, "owned_by": "attnserve",
               "max_model_len": server.max_model_len if server.llm is not None else None, "task": "generate"}]
+    listed = {server.model_id}
     for task, model_id in server.encoder_ids().items():
-        cards.append({"id": model_id, "object": "model", "created": created, "owned_by": "attnserve",
-                      "task": task})
+        if model_id not in listed:
+            listed.add(model_id)
+            cards.append({"id": model_id, "object": "model", "created": created, "owned_by": "attnserve",
+                          "max_model_len": server.encoders[task].runner.max_length, "task": task})
     return {"object": "list", "data": cards}
