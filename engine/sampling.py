@@ -105,12 +105,14 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: Seq[SampleRequest]) -> SamplerOutput:
         """logits (num_rows, vocab) float -> one token per row."""
         logits = logits.float()
-        finite = torch.isfinite(logits).all(dim=-1)                    # (num_rows,)
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        # One pass gives the normalizer of the raw distribution, and it is finite exactly
+        # when the row has no NaN or +inf: logprob = logit - logsumexp, no log_softmax copy.
+        log_normalizer = torch.logsumexp(logits, dim=-1)               # (num_rows,)
+        finite = torch.isfinite(log_normalizer)
         processed = self._process(logits, requests)
         token_ids = self._draw(processed, requests)                     # (num_rows,)
-        chosen = raw_logprobs.gather(1, token_ids[:, None])[:, 0]
-        top = self._top_logprobs(raw_logprobs, requests)
+        chosen = logits.gather(1, token_ids[:, None])[:, 0] - log_normalizer
+        top = self._top_logprobs(logits, log_normalizer, requests)
         finite_list, ids_list, chosen_list = finite.tolist(), token_ids.tolist(), chosen.tolist()
         return SamplerOutput(
             token_ids=ids_list, logprobs=chosen_list, top_logprobs=top,
@@ -155,12 +157,12 @@ class Sampler:
             self.generator = torch.Generator(device=device).manual_seed(self.seed)
         return self.generator
 
-    def _top_logprobs(self, raw_logprobs, requests) -> list[list[tuple[int, float]] | None]:
+    def _top_logprobs(self, logits, log_normalizer, requests) -> list[list[tuple[int, float]] | None]:
         wanted = [r.params.logprobs or 0 for r in requests]
         if not any(wanted):
             return [None] * len(requests)
-        values, ids = raw_logprobs.topk(max(wanted), dim=-1)
-        values, ids = values.tolist(), ids.tolist()
+        values, ids = logits.topk(max(wanted), dim=-1)
+        values, ids = (values - log_normalizer[:, None]).tolist(), ids.tolist()
         return [list(zip(ids[i][:k], values[i][:k])) if k else None for i, k in enumerate(wanted)]
 
 
