@@ -16,6 +16,8 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from service.errors import install_handlers
+from service.schemas import (ChatCompletionChunk, Completion, NativeError, OpenAIErrorResponse,
+                             StreamResponse)
 from service.middleware import ServiceMiddleware
 from service.routes import admin, native, openai
 from service.runtime import VERSION, Server
@@ -50,6 +52,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     app = FastAPI(title="attnserve", version=VERSION, description=DESCRIPTION, lifespan=lifespan,
                   strict_content_type=False)
     app.state.server = server
+    app.openapi = lambda: _openapi(app, server)
     install_handlers(app)
     routers = [native.router, openai.router, admin.router]
     for router in routers:
@@ -62,3 +65,82 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
                            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
                            expose_headers=["X-Request-Id", "Retry-After"])
     return app
+
+
+# route -> (the model of its server-sent events, its error body, whether it ends with [DONE])
+_STREAMS = {"/generate_stream": (StreamResponse, NativeError, False), "/": (StreamResponse, NativeError, False),
+            "/v1/completions": (Completion, OpenAIErrorResponse, True),
+            "/v1/chat/completions": (ChatCompletionChunk, OpenAIErrorResponse, True)}
+
+
+def _openapi(app: FastAPI, server: Server) -> dict:
+    if app.openapi_schema is None:
+        _add_streams(FastAPI.openapi(app))          # (FastAPI caches it in app.openapi_schema)
+    if not getattr(app.state, "openapi_has_model_bounds", False) and server.status == "ready":
+        _add_model_bounds(app.openapi_schema, server)
+        app.state.openapi_has_model_bounds = True
+    return app.openapi_schema
+
+
+def _add_model_bounds(spec: dict, server: Server) -> None:
+    """The bounds that depend on the loaded models: max tokens, embedding dimensions."""
+    components = spec["components"]["schemas"]
+    bounds = [("GenerateParameters", "max_new_tokens", None, server.max_model_len),
+              ("CompletionRequest", "max_tokens", None, server.max_model_len),
+              ("ChatCompletionRequest", "max_tokens", None, server.max_model_len),
+              ("ChatCompletionRequest", "max_completion_tokens", None, server.max_model_len)]
+    vocab = server.engine.model_config.vocab_size
+    token_ids = [("CompletionRequest", "prompt", vocab), ("DetokenizeRequest", "inputs", vocab)]
+    if "embed" in server.encoders:
+        runner = server.encoders["embed"].runner
+        bounds.append(("EmbeddingRequest", "dimensions", runner.config.hidden_size, runner.config.hidden_size))
+        token_ids += [("EmbedRequest", "inputs", runner.config.vocab_size),
+                      ("EmbeddingRequest", "input", runner.config.vocab_size)]
+    for component, field, minimum, maximum in bounds:
+        prop = components[component]["properties"][field]
+        for branch in prop.get("anyOf", [prop]):
+            if branch.get("type") == "integer":
+                branch["maximum"] = maximum
+                if minimum is not None:
+                    branch["minimum"] = minimum
+    for component, field, size in token_ids:
+        _bound_integers(components[component]["properties"][field], size - 1)
+    classify = server.encoders.get("classify")
+    if classify is not None and not classify.runner.has_classifier:   # zero-shot only
+        request = components["ClassifyRequest"]
+        request["required"] = sorted({*request.get("required", []), "candidate_labels"})
+        labels = request["properties"]["candidate_labels"]
+        labels["anyOf"] = [b for b in labels["anyOf"] if b.get("type") != "null"]
+        labels.pop("default", None)
+
+
+def _bound_integers(node, maximum: int) -> None:
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node["maximum"] = maximum
+        for value in node.values():
+            _bound_integers(value, maximum)
+    elif isinstance(node, list):
+        for value in node:
+            _bound_integers(value, maximum)
+
+
+def _add_streams(spec: dict) -> None:
+    """FastAPI documents JSON bodies only: add each stream's events (`data:` holds JSON)."""
+    components = spec["components"]["schemas"]
+    for path, (event, error, ends_with_done) in _STREAMS.items():
+        for model in (event, error):
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+            for name, definition in schema.pop("$defs", {}).items():
+                components.setdefault(name, definition)
+            components.setdefault(model.__name__, schema)
+        data = {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [
+            {"$ref": f"#/components/schemas/{event.__name__}"},
+            {"$ref": f"#/components/schemas/{error.__name__}"}]}}
+        if ends_with_done:
+            data = {"anyOf": [{"const": "[DONE]"}, data]}
+        content = spec["paths"][path]["post"]["responses"]["200"].setdefault("content", {})
+        content["text/event-stream"] = {"schema": {"type": "object", "required": ["data"],
+                                                   "properties": {"data": data}}}
+        if path == "/generate_stream":
+            content.pop("application/json", None)

@@ -112,7 +112,7 @@ class Generation:
         if not self.finished:
             self.stream.abort()
             self.server.metrics.aborted.labels(self.abort_reason).inc()
-            logger.info("request %s aborted (%s) after %d tokens", self.info.request_id,
+            logger.info("request %s aborted (%s) after %d tokens", self.stream.request_id,
                         self.abort_reason, self.num_tokens)
 
     @property
@@ -217,6 +217,7 @@ async def collect(request: Request, gens: list[Generation]) -> list[Result]:
             for gen in gens:
                 gen.abort("client_disconnect")
             work.cancel()
+            work.add_done_callback(_retrieve)
         watcher.cancel()
     if gone:
         raise ClientGone()
@@ -224,6 +225,11 @@ async def collect(request: Request, gens: list[Generation]) -> list[Result]:
     if any(g.was_aborted for g in gens):
         raise APIError(503, "the server is shutting down; the request was aborted before it finished")
     return results
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()                    # retrieved: asyncio logs nothing
 
 
 async def _collect_one(gen: Generation) -> Result:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP = 16                 # stop strings per request
 MAX_STOP_CHARS = 512
@@ -22,27 +22,48 @@ MAX_TOKENS_BOUND = 2**31 - 1  # the static bound; the model's own is checked per
 MAX_SEED = 2**64 - 1
 MAX_MESSAGES = 1024
 
-PositiveInt = Annotated[int, Field(ge=1, le=MAX_TOKENS_BOUND)]
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+def _integral(value: Any) -> Any:
+    # JSON Schema counts 5.0 as an integer; strict pydantic would not
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def int_in(ge: int, le: int | None = None):
+    """An integer field in [ge, le] (the bounds land in the JSON schema)."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_integral)]
+
+
+PositiveInt = int_in(1, MAX_TOKENS_BOUND)
+Seed = int_in(0, MAX_SEED)
 Temperature = Annotated[float, Field(ge=0.0, le=100.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 MinP = Annotated[float, Field(ge=0.0, le=1.0)]
-TopK = Annotated[int, Field(ge=-1, le=MAX_TOKENS_BOUND)]
+TopK = int_in(-1, MAX_TOKENS_BOUND)
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 RepetitionPenalty = Annotated[float, Field(gt=0.0, le=100.0)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
-TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+TokenId = int_in(0, 2**31 - 1)
 NonEmptyText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields and coerced types (\"1\" for 1, 0 for false) are errors."""
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def _neutral(value: Any, neutral: tuple, what: str) -> Any:
-    if value not in neutral:
+    if not any(_same(value, n) for n in neutral):
         raise ValueError(f"{what} is not supported by this server")
     return value
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    if neutral is None or isinstance(neutral, bool) or isinstance(value, bool):
+        return value is neutral                     # 0 is not false, 1 is not true
+    numbers = (int, float)
+    return (type(value) is type(neutral) or (isinstance(value, numbers) and isinstance(neutral, numbers))) \
+        and value == neutral
 
 
 def _stop_list(value: Any) -> Any:
@@ -75,45 +96,45 @@ class GenerateParameters(Strict):
     top_k: TopK | None = None
     top_p: TopP | None = None
     min_p: MinP | None = None
-    typical_p: float | None = Field(None, description="accepted only as null or 1.0")
+    typical_p: Annotated[float, Field(ge=1.0, le=1.0)] | None = Field(None, description="not supported: null or 1.0")
     repetition_penalty: RepetitionPenalty | None = None
     frequency_penalty: Penalty | None = None
     presence_penalty: Penalty | None = None
     do_sample: bool = Field(False, description="false and no sampling option set: greedy")
     seed: Seed | None = None
-    stop: Annotated[list[StopString], Field(max_length=MAX_STOP)] = []
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = []
     details: bool = False
     decoder_input_details: bool = False
-    top_n_tokens: Annotated[int, Field(ge=0, le=MAX_TOP)] | None = None
+    top_n_tokens: int_in(0, MAX_TOP) | None = None
     return_full_text: bool | None = None
     truncate: PositiveInt | None = Field(None, description="keep only the last N prompt tokens")
     ignore_eos: bool = False
-    watermark: bool = Field(False, description="accepted only as false")
-    best_of: int | None = Field(None, description="accepted only as null or 1")
-    adapter_id: str | None = Field(None, description="accepted only as null")
-    grammar: dict | None = Field(None, description="accepted only as null")
+    watermark: Literal[False] = Field(False, description="not supported: false")
+    best_of: int_in(1, 1) | None = Field(None, description="not supported: null or 1")
+    adapter_id: None = Field(None, description="not supported: null")
+    grammar: None = Field(None, description="not supported: null")
 
-    @field_validator("stop", mode="before")
+    @field_validator("stop")
     @classmethod
     def _stop(cls, v):
         return [] if v is None else _stop_list(v)
 
-    @field_validator("typical_p")
+    @field_validator("typical_p", mode="before")
     @classmethod
     def _typical(cls, v):
         return _neutral(v, (None, 1.0), "typical_p other than 1.0")
 
-    @field_validator("watermark")
+    @field_validator("watermark", mode="before")
     @classmethod
     def _watermark(cls, v):
         return _neutral(v, (False,), "watermark")
 
-    @field_validator("best_of")
+    @field_validator("best_of", mode="before")
     @classmethod
     def _best_of(cls, v):
         return _neutral(v, (None, 1), "best_of > 1")
 
-    @field_validator("adapter_id", "grammar")
+    @field_validator("adapter_id", "grammar", mode="before")
     @classmethod
     def _null_only(cls, v, info):
         return _neutral(v, (None,), info.field_name)
@@ -121,7 +142,7 @@ class GenerateParameters(Strict):
 
 class GenerateRequest(Strict):
     inputs: NonEmptyText
-    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    parameters: GenerateParameters | None = Field(default_factory=GenerateParameters)
     stream: bool = Field(False, description="only on POST /: stream like /generate_stream")
 
     @field_validator("parameters", mode="before")
@@ -240,7 +261,7 @@ class SamplingFields(Strict):
     top_p: TopP | None = None
     top_k: TopK | None = None
     min_p: MinP | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    n: int_in(1, MAX_N) = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
@@ -251,7 +272,8 @@ class SamplingFields(Strict):
     repetition_penalty: RepetitionPenalty | None = None
     ignore_eos: bool = False
     user: str | None = None
-    logit_bias: dict[str, float] | None = Field(None, description="accepted only when empty")
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = Field(
+        None, description="not supported: null or {}")
 
     @field_validator("stop")
     @classmethod
@@ -260,18 +282,6 @@ class SamplingFields(Strict):
             raise ValueError("a stop string must not be empty")
         return v
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported by this server")
-        return v
-
-    @model_validator(mode="after")
-    def _stream_options(self):
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options needs stream=true")
-        return self
 
 
 PromptIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_IDS)]
@@ -281,21 +291,15 @@ class CompletionRequest(SamplingFields):
     prompt: NonEmptyText | PromptIds | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_PROMPTS)] \
         | Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     max_tokens: PositiveInt | None = Field(16, description="default 16, as OpenAI")
-    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP)] | None = None
+    logprobs: int_in(0, MAX_TOP) | None = None
     echo: bool = False
-    best_of: int | None = Field(None, description="accepted only as null or equal to n")
-    suffix: str | None = Field(None, description="accepted only as null")
+    best_of: int_in(1, 1) | None = Field(None, description="not supported: null or 1")
+    suffix: Literal[""] | None = Field(None, description="not supported: null")
 
-    @field_validator("suffix")
+    @field_validator("suffix", "best_of", mode="before")
     @classmethod
-    def _suffix(cls, v):
-        return _neutral(v, (None, ""), "suffix")
-
-    @model_validator(mode="after")
-    def _best_of(self):
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of other than n is not supported by this server")
-        return self
+    def _unsupported(cls, v, info):
+        return _neutral(v, (None, "") if info.field_name == "suffix" else (None, 1), info.field_name)
 
 
 class TextPart(Strict):
@@ -324,7 +328,7 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: PositiveInt | None = Field(None, description="null: up to the model's length")
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP)] | None = None
+    top_logprobs: int_in(0, MAX_TOP) | None = None
     response_format: ResponseFormat | None = None
     tools: Annotated[list[dict], Field(max_length=0)] | None = Field(None, description="not supported: null or []")
     tool_choice: Literal["none"] | None = None
@@ -460,19 +464,25 @@ class EmbedRequest(Strict):
 
 class ClassifyParameters(Strict):
     """What huggingface_hub's text_classification sends."""
-    top_k: Annotated[int, Field(ge=1, le=MAX_LABELS)] | None = Field(None, description="keep the best k labels")
+    top_k: int_in(1, MAX_LABELS) | None = Field(None, description="keep the best k labels")
     function_to_apply: None = Field(None, description="not supported: null")
 
 
 class ClassifyRequest(Strict):
     inputs: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
     candidate_labels: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]],
-                                Field(min_length=1, max_length=MAX_LABELS)] | None = Field(
+                                Field(min_length=1, max_length=MAX_LABELS,
+                                      json_schema_extra={"uniqueItems": True})] | None = Field(
         None, description="zero-shot labels; null: the model's own classification head")
     truncate: bool = False
     truncation_direction: Literal["Right", "right"] = "Right"
     raw_scores: Literal[False] = Field(False, description="not supported: false")
     parameters: ClassifyParameters | None = None
+
+    @field_validator("raw_scores", mode="before")
+    @classmethod
+    def _raw_scores(cls, v):
+        return _neutral(v, (False,), "raw_scores")
 
 
 class LabelScore(BaseModel):
@@ -484,7 +494,7 @@ class EmbeddingRequest(Strict):
     input: EmbedInputs
     model: str | None = Field(None, description="the served embedding model id; null: it")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[int, Field(ge=1)] | None = Field(None, description="null or the model's own size")
+    dimensions: int_in(1) | None = Field(None, description="null or the model's own size")
     user: str | None = None
 
 

@@ -104,8 +104,19 @@ def test_completion_stop_string(server, oai):
 
 
 def test_echo_prepends_the_prompt(server, oai):
-    out = oai.completions.create(model=model_id(server), prompt=PROMPT, max_tokens=2, temperature=0, echo=True)
+    out = oai.completions.create(model=model_id(server), prompt=PROMPT, max_tokens=2, temperature=0, echo=True,
+                                 logprobs=1, extra_body={"ignore_eos": True})
     assert out.choices[0].text.startswith(PROMPT)
+    lp = out.choices[0].logprobs
+    prompt = server.post("/tokenize", json={"inputs": PROMPT}).json()
+    assert len(lp.tokens) == len(prompt) + 2
+    assert lp.token_logprobs[:len(prompt)] == [None] * len(prompt)     # prompt logprobs: not computed
+    assert all(x is not None for x in lp.token_logprobs[len(prompt):])
+    assert lp.text_offset[:len(prompt)] == [t["start"] for t in prompt]
+    assert lp.text_offset[len(prompt)] == len(PROMPT)
+    chunks = list(oai.completions.create(model=model_id(server), prompt=PROMPT, max_tokens=2, temperature=0,
+                                         echo=True, stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks) == out.choices[0].text
 
 
 def test_token_id_prompt(server, oai):
@@ -338,6 +349,13 @@ def test_openapi_documents_routes_and_errors(server):
     completions = paths["/v1/completions"]["post"]["responses"]
     assert {"200", "400", "401", "404", "413", "422", "429", "503"} <= set(completions)
     assert completions["422"]["content"]["application/json"]["schema"]["$ref"].endswith("OpenAIErrorResponse")
+    stream = paths["/generate_stream"]["post"]["responses"]["200"]["content"]
+    assert list(stream) == ["text/event-stream"]
+    event = stream["text/event-stream"]["schema"]["properties"]["data"]["contentSchema"]["anyOf"]
+    assert event[0]["$ref"].endswith("/StreamResponse") and event[1]["$ref"].endswith("/NativeError")
+    chat = paths["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert "ChatCompletionChunk" in json.dumps(chat["text/event-stream"])
+    assert chat["application/json"]["schema"]["$ref"].endswith("/ChatCompletion")
     generate = paths["/generate"]["post"]
     assert generate["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("GenerateResponse")
     assert generate["responses"]["429"]["content"]["application/json"]["schema"]["$ref"].endswith("NativeError")

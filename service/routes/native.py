@@ -24,16 +24,15 @@ from service.generation import ClientGone, Generation, admit, check_max_tokens, 
 from service.runtime import Server
 from service.schemas import (ClassifyRequest, DetokenizeRequest, DetokenizeResponse, EmbedRequest,
                              GenerateParameters, GenerateRequest, GenerateResponse, LabelScore, SimpleToken,
-                             StreamResponse, TokenizeRequest)
+                             TokenizeRequest)
 
 logger = logging.getLogger("service")
 router = APIRouter(tags=["TGI / TEI"])
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _GEN_ERRORS = openapi_errors(400, 401, 413, 422, 429, 500, 503)
-_STREAM_DOC = {200: {"model": StreamResponse, "description": "Server-sent events, one per token "
-                     "(`data: {...}`); the last carries generated_text and details",
-                     "content": {"text/event-stream": {}}}}
+_STREAM_DOC = {200: {"description": "Server-sent events (text/event-stream), one per token "
+                     "(`data: {...}`); the last carries generated_text and details"}}
 
 
 def server_of(request: Request) -> Server:
@@ -114,7 +113,7 @@ async def generate_stream(body: GenerateRequest, request: Request):
                              media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-@router.post("/", response_model=GenerateResponse, responses={**_STREAM_DOC, **_GEN_ERRORS},
+@router.post("/", response_model=GenerateResponse, responses=_GEN_ERRORS,
              summary="TGI compat route: /generate, or /generate_stream when stream=true")
 async def compat_generate(body: GenerateRequest, request: Request):
     if body.stream:

@@ -23,7 +23,7 @@ from service.errors import APIError, error_event, openapi_errors
 from service.generation import ClientGone, Generation, admit, check_max_tokens, collect, merge, sampling_params
 from service.routes.native import SSE_HEADERS, info_of, server_of
 from service.runtime import VERSION, Server
-from service.schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
+from service.schemas import (ChatCompletion, ChatCompletionRequest, Completion,
                              CompletionRequest, EmbeddingRequest, EmbeddingResponse, ModelList, SamplingFields)
 
 logger = logging.getLogger("service")
@@ -33,9 +33,8 @@ FINGERPRINT = f"attnserve-{VERSION}"
 _ERRORS = openapi_errors(400, 401, 404, 413, 422, 429, 500, 503, openai=True)
 
 
-def _stream_doc(model) -> dict:
-    return {200: {"model": model, "description": "JSON, or with stream=true server-sent events "
-                  "ending with `data: [DONE]`", "content": {"text/event-stream": {}}}}
+_STREAM_DOC = {200: {"description": "JSON; with stream=true, server-sent events (text/event-stream) "
+                     "ending with `data: [DONE]`"}}
 
 
 def check_model(server: Server, model: str | None, served: str | None = None) -> str:
@@ -47,6 +46,10 @@ def check_model(server: Server, model: str | None, served: str | None = None) ->
 
 
 def _sampling(server: Server, body: SamplingFields, max_tokens: int | None, logprobs: int | None):
+    max_num_seqs = server.engine.config.max_num_seqs
+    if body.n > max_num_seqs:                 # the engine schedules a request's n sequences together
+        raise APIError(422, f"n must be <= {max_num_seqs} (this server's --max-num-seqs), got {body.n}",
+                       param="n", code="invalid_value")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return sampling_params(
         max_tokens=max_tokens or server.max_model_len,
@@ -98,15 +101,35 @@ def _prompt_text(server: Server, gen: Generation) -> str:
     return gen.prompt.text if gen.prompt.text is not None else server.tokenizer.decode(gen.prompt.ids)
 
 
-@router.post("/completions", response_model=Completion, responses={**_stream_doc(Completion), **_ERRORS},
+def _echo(server: Server, gen: Generation, with_logprobs: bool) -> tuple[str, dict | None]:
+    """echo=true: the prompt's text, and its tokens for logprobs (their logprobs are null: the
+    engine does not compute prompt logprobs)."""
+    text = _prompt_text(server, gen)
+    if not with_logprobs:
+        return text, None
+    ids = gen.prompt.ids
+    encoded = server.tokenizer.encode_with_offsets(text) if gen.prompt.text is not None else []
+    if [i for i, _, _ in encoded] == ids:
+        offsets = [start for _, start, _ in encoded]
+    else:                                     # token-id prompts: offsets of their printed tokens
+        offsets = [0]
+        for i in ids[:-1]:
+            offsets.append(offsets[-1] + len(server.token_text(i)))
+    return text, {"tokens": [server.token_text(i) for i in ids], "token_logprobs": [None] * len(ids),
+                  "top_logprobs": [None] * len(ids), "text_offset": offsets}
+
+
+def _joined(first: dict | None, second: dict) -> dict:
+    return second if first is None else {key: first[key] + second[key] for key in second}
+
+
+@router.post("/completions", response_model=Completion, responses={**_STREAM_DOC, **_ERRORS},
              summary="Text completions (OpenAI)")
 async def completions(body: CompletionRequest, request: Request):
     server = server_of(request)
     server.require_ready()
     model = check_model(server, body.model)
     check_max_tokens(server, body.max_tokens, "max_tokens")
-    if body.echo and body.logprobs is not None:
-        raise APIError(422, "echo together with logprobs is not supported (no prompt logprobs)", param="echo")
     prompts = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
     params = _sampling(server, body, body.max_tokens, body.logprobs)
     gens = await admit(server, info_of(request), prompts, params)
@@ -121,13 +144,14 @@ async def completions(body: CompletionRequest, request: Request):
         return Response(status_code=499)
     choices, num_generated = [], 0
     for g, (gen, result) in enumerate(zip(gens, results)):
-        prefix = _prompt_text(server, gen) if body.echo else ""
+        prefix, prompt_logprobs = _echo(server, gen, body.logprobs is not None) if body.echo else ("", None)
         for c in result.output.outputs:
             num_generated += len(c.token_ids)
-            choices.append({
-                "index": g * body.n + c.index, "text": prefix + c.text, "finish_reason": c.finish_reason,
-                "logprobs": completion_logprobs(server, result.tokens[c.index], len(prefix))
-                if body.logprobs is not None else None})
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = _joined(prompt_logprobs, completion_logprobs(server, result.tokens[c.index], len(prefix)))
+            choices.append({"index": g * body.n + c.index, "text": prefix + c.text,
+                            "finish_reason": c.finish_reason, "logprobs": logprobs})
     return {"object": "text_completion", **head, "choices": choices, "usage": _usage(gens, num_generated)}
 
 
@@ -148,10 +172,10 @@ async def _completion_events(request: Request, body: CompletionRequest, gens: li
     try:
         if body.echo:
             for g, gen in enumerate(gens):
+                text, logprobs = _echo(server, gen, body.logprobs is not None)
                 for i in range(body.n):
-                    text = _prompt_text(server, gen)
                     offsets[g * body.n + i] = len(text)
-                    yield chunk({"index": g * body.n + i, "text": text, "logprobs": None, "finish_reason": None})
+                    yield chunk({"index": g * body.n + i, "text": text, "logprobs": logprobs, "finish_reason": None})
         async for g, out in merge(gens):
             for c in out.outputs:
                 index = g * body.n + c.index
@@ -209,14 +233,15 @@ async def _render_chat(server: Server, body: ChatCompletionRequest) -> str:
 
 
 @router.post("/chat/completions", response_model=ChatCompletion,
-             responses={**_stream_doc(ChatCompletionChunk), **_ERRORS},
+             responses={**_STREAM_DOC, **_ERRORS},
              summary="Chat completions (OpenAI), through the model's chat template")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     server = server_of(request)
     server.require_ready()
     model = check_model(server, body.model)
+    check_max_tokens(server, body.max_tokens, "max_tokens")
+    check_max_tokens(server, body.max_completion_tokens, "max_completion_tokens")
     max_tokens = body.max_completion_tokens or body.max_tokens
-    check_max_tokens(server, max_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = _sampling(server, body, max_tokens, top)
     prompt = await _render_chat(server, body)
