@@ -1,0 +1,403 @@
+"""Embedding throughput: attnserve's HTTP /embed under many one-sentence clients against
+sentence-transformers encode() in-process, on the same sentences, in one run.
+
+    python benchmarks/embed.py --json embed.json          # 2,000 sentences, 32 clients
+    python benchmarks/embed.py --batch-wait-ms 0,2,5 --max-batch-tokens 2048,16384   # a sweep
+    python benchmarks/embed.py --url http://127.0.0.1:8000  # a server that is already running
+
+The sentences (benchmarks/sentences.py) are 70% short (3-12 words) and 30% long (40-120),
+shuffled. sentence-transformers encodes them all with batch_size 32 and with batch_size 1.
+Then our server (started here, one per configuration, unless --url) gets them from --clients
+closed-loop clients sharing one keep-alive HTTP/1.1 pool, each POSTing one sentence per
+/embed request; throughput is sentences / wall time. Meanwhile a probe client sends one short
+sentence at a time: its latencies are those of "a short sentence under load". Every HTTP
+vector is compared with sentence-transformers' batch-32 vector (cosine).
+
+The service has no flags for the encoder's batching yet, so --batch-wait-ms, --max-batch-tokens
+and --max-batch-size start the server through a bootstrap that sets EncoderEngine's defaults
+(benchmark-only; `python -m service` itself is unchanged). --server-threads sets OMP_NUM_THREADS.
+Each of them, and --clients, takes a comma list; every combination gets a server and a row.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from benchmarks.common import machine  # noqa: E402
+from benchmarks.sentences import is_long, mixed_sentences, short_sentences  # noqa: E402
+
+EMBEDDING_MODEL = "all-minilm-l6-v2"
+TARGETS = {"vs_st_batch32": 0.9, "vs_st_batch1": 3.0, "min_cosine": 0.99999}
+# Sets EncoderEngine's keyword defaults from the environment, then runs `python -m service`.
+_BOOTSTRAP = """import json, os, sys
+from engine.encoder_engine import EncoderEngine
+EncoderEngine.__init__.__kwdefaults__.update(json.loads(os.environ["ATTNSERVE_BENCH_ENCODER"]))
+from service.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One row of the sweep. None means the server's own default."""
+    clients: int
+    batch_wait_ms: float | None = None
+    max_batch_tokens: int | None = None
+    max_batch_size: int | None = None
+    threads: int | None = None
+
+    @property
+    def encoder_knobs(self) -> dict:
+        knobs = dict(batch_wait_ms=self.batch_wait_ms, max_batch_tokens=self.max_batch_tokens,
+                     max_batch_size=self.max_batch_size)
+        return {k: v for k, v in knobs.items() if v is not None}
+
+    @property
+    def label(self) -> str:
+        knobs = [f"{k}={v}" for k, v in {**self.encoder_knobs, "threads": self.threads}.items() if v is not None]
+        return f"attnserve /embed, {self.clients} clients" + (f" ({', '.join(knobs)})" if knobs else "")
+
+
+@dataclass
+class LoadResult:
+    wall_s: float
+    latencies_s: list[float]              # one per sentence, in sentence order
+    vectors: list[list[float]]
+    probe_latencies_s: list[float]
+    counters: dict = field(default_factory=dict)   # what changed over the load, see `snapshot`
+
+
+class ServerProcess:
+    """`python -m service` (or the knob bootstrap) on 127.0.0.1 and a free port."""
+
+    def __init__(self, config: ServerConfig, llm_args: list[str], extra_args: list[str], log_level: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = ["--host", "127.0.0.1", "--port", str(self.port), "--embedding-model", EMBEDDING_MODEL,
+                "--log-level", log_level, *llm_args, *extra_args]
+        knobs = config.encoder_knobs
+        self.command = [sys.executable, *(["-c", _BOOTSTRAP] if knobs else ["-m", "service"]), *args]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "ATTNSERVE_BENCH_ENCODER": json.dumps(knobs),
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        if config.threads is not None:
+            self.env["OMP_NUM_THREADS"] = self.env["MKL_NUM_THREADS"] = str(config.threads)
+        self.log_path = Path(tempfile.mkstemp(prefix="attnserve-embed-bench-", suffix=".log")[1])
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180.0) -> "ServerProcess":
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.logs()[-4000:]}")
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) so far: the whole server, and its main thread (the event
+        loop, where HTTP parsing, validation and JSON happen). Linux only; else empty."""
+        tick = os.sysconf("SC_CLK_TCK")
+
+        def seconds(stat: Path) -> float:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / tick
+        try:
+            pid = self.proc.pid
+            return {"server_cpu_s": seconds(Path(f"/proc/{pid}/stat")),
+                    "event_loop_cpu_s": seconds(Path(f"/proc/{pid}/task/{pid}/stat"))}
+        except (OSError, IndexError, ValueError):
+            return {}
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+# --- the HTTP load ---
+
+async def embed_one(client: httpx.AsyncClient, text: str) -> tuple[list[float], float]:
+    started = time.perf_counter()
+    response = await client.post("/embed", json={"inputs": text, "normalize": True, "truncate": True})
+    latency = time.perf_counter() - started
+    if response.status_code != 200:
+        raise RuntimeError(f"/embed answered {response.status_code}: {response.text[:500]}")
+    (vector,) = response.json()
+    return vector, latency
+
+
+async def run_load(url: str, sentences: list[str], num_clients: int, probe_texts: list[str],
+                   probe_pause_s: float, warmup: list[str], snapshot=lambda: {}) -> LoadResult:
+    """num_clients closed-loop clients take the sentences in order, one per request, while a
+    probe sends probe_texts one at a time (pausing probe_pause_s between them). `snapshot()`
+    (a dict of counters) is taken after the warm-up and when the last sentence is answered."""
+    limits = httpx.Limits(max_connections=num_clients + 1, max_keepalive_connections=num_clients + 1)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as client:
+        warm = iter(warmup)                            # opens every connection once
+
+        async def warm_client():
+            for text in warm:
+                await embed_one(client, text)
+        await asyncio.gather(*(warm_client() for _ in range(num_clients + 1)))
+
+        vectors: list = [None] * len(sentences)
+        latencies = [0.0] * len(sentences)
+        next_index = iter(range(len(sentences)))      # shared: each client takes the next sentence
+        done = asyncio.Event()
+
+        async def load_client():
+            for i in next_index:
+                vectors[i], latencies[i] = await embed_one(client, sentences[i])
+
+        async def probe() -> list[float]:
+            seen = []
+            for text in itertools.cycle(probe_texts):
+                if done.is_set():
+                    return seen
+                seen.append((await embed_one(client, text))[1])
+                try:
+                    await asyncio.wait_for(done.wait(), probe_pause_s)
+                except TimeoutError:
+                    pass
+            return seen
+
+        before = snapshot()
+        probing = asyncio.ensure_future(probe())
+        started = time.perf_counter()
+        await asyncio.gather(*(load_client() for _ in range(num_clients)))
+        wall = time.perf_counter() - started
+        after = snapshot()
+        done.set()
+        counters = {key: after[key] - before[key] for key in before.keys() & after.keys()}
+        return LoadResult(wall, latencies, vectors, await probing, counters)
+
+
+def embed_batch_totals(url: str) -> dict[str, float]:
+    """The server's attnserve_embed_batch_size histogram: batches and inputs so far."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    found = dict(re.findall(r"^attnserve_embed_batch_size_(sum|count) (\S+)$", text, re.M))
+    return {"batched_inputs": float(found.get("sum", 0)), "batches": float(found.get("count", 0))}
+
+
+def measure_server(url: str, server: ServerProcess | None, sentences: list[str], config: ServerConfig,
+                   probe_texts: list[str], probe_pause_s: float, warmup: list[str]) -> LoadResult:
+    def snapshot() -> dict[str, float]:
+        return {"client_cpu_s": time.process_time(), **(server.cpu_seconds() if server else {}),
+                **embed_batch_totals(url)}
+    return asyncio.run(run_load(url, sentences, config.clients, probe_texts, probe_pause_s, warmup, snapshot))
+
+
+# --- sentence-transformers, statistics ---
+
+def st_encode(model, sentences: list[str], batch_size: int) -> tuple[float, np.ndarray]:
+    """sentences/s of model.encode(batch_size) and its (normalized) vectors; one warm-up call first."""
+    model.encode(sentences[: 2 * batch_size], batch_size=batch_size, show_progress_bar=False)
+    started = time.perf_counter()
+    vectors = model.encode(sentences, batch_size=batch_size, normalize_embeddings=True,
+                           convert_to_numpy=True, show_progress_bar=False)
+    return len(sentences) / (time.perf_counter() - started), vectors
+
+
+def cosines(a, b) -> np.ndarray:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def latency_ms(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0}
+    p50, p90, p99 = np.percentile(np.asarray(values) * 1000, [50, 90, 99])
+    return {"n": len(values), "p50": round(float(p50), 1), "p90": round(float(p90), 1), "p99": round(float(p99), 1),
+            "max": round(max(values) * 1000, 1)}
+
+
+def median_run(runs: list, rate) -> tuple[int, float]:
+    """(index, rate) of the run with the median rate (the lower middle for even counts)."""
+    order = sorted(range(len(runs)), key=lambda i: rate(runs[i]))
+    index = order[(len(order) - 1) // 2]
+    return index, rate(runs[index])
+
+
+def server_load(run: LoadResult, num_requests: int) -> dict:
+    """Batching and CPU over the load: inputs per batch, cores busy, CPU ms per request."""
+    counters, out = run.counters, {}
+    if counters.get("batches"):
+        out["mean_batch_size"] = round(counters["batched_inputs"] / counters["batches"], 1)
+    for key in ("server_cpu_s", "event_loop_cpu_s", "client_cpu_s"):
+        if key in counters:
+            name = key.removesuffix("_cpu_s")
+            out[f"{name}_cores_busy"] = round(counters[key] / run.wall_s, 2)
+            out[f"{name}_cpu_ms_per_request"] = round(1000 * counters[key] / num_requests, 2)
+    return out
+
+
+# --- the run ---
+
+def configs_of(args) -> list[ServerConfig]:
+    grid = [args.clients, args.batch_wait_ms, args.max_batch_tokens, args.max_batch_size, args.server_threads]
+    return [ServerConfig(*values) for values in itertools.product(*grid)]
+
+
+def run_benchmark(args) -> dict:
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from engine.loader import resolve_model_path
+
+    if args.st_threads:
+        torch.set_num_threads(args.st_threads)
+    sentences = mixed_sentences(args.num_sentences, seed=args.seed)
+    probe_texts = short_sentences(200, seed=args.seed + 1)
+    warmup = short_sentences(args.warmup, seed=args.seed + 2)
+    model = SentenceTransformer(str(resolve_model_path(EMBEDDING_MODEL)), device="cpu")
+    num_tokens = sum(map(len, model.tokenizer(sentences)["input_ids"]))
+    num_long = sum(map(is_long, sentences))
+
+    st32_runs = [st_encode(model, sentences, 32) for _ in range(args.repeats)]
+    _, st32 = median_run(st32_runs, lambda run: run[0])
+    reference = st32_runs[0][1]
+    st1_sentences = sentences[: args.st_batch1_sentences or len(sentences)]
+    st1_runs = [st_encode(model, st1_sentences, 1) for _ in range(args.repeats)]
+    _, st1 = median_run(st1_runs, lambda run: run[0])
+    st1_vs_32 = cosines(st1_runs[0][1], reference[: len(st1_sentences)]).min()
+
+    results = {"machine": machine(), "torch_threads": torch.get_num_threads(),
+               "num_sentences": len(sentences), "num_long": num_long, "num_tokens": num_tokens,
+               "st_batch32_sent_s": round(st32, 1), "st_batch1_sent_s": round(st1, 1),
+               "st_batch1_sentences": len(st1_sentences),
+               "st_batch1_vs_batch32_min_cosine": float(st1_vs_32), "targets": TARGETS, "servers": []}
+    for config in configs_of(args):
+        server = None
+        if args.url is None:
+            server = ServerProcess(config, args.llm_args.split(), args.server_arg, args.server_log_level).start()
+        try:
+            url = args.url or server.url
+            runs = [measure_server(url, server, sentences, config, probe_texts, args.probe_pause_ms / 1000, warmup)
+                    for _ in range(args.repeats)]
+        finally:
+            if server is not None:
+                server.stop()
+        index, rate = median_run(runs, lambda run: len(sentences) / run.wall_s)
+        run = runs[index]
+        short = [lat for lat, text in zip(run.latencies_s, sentences) if not is_long(text)]
+        min_cosine = float(min(cosines(r.vectors, reference).min() for r in runs))
+        results["servers"].append({
+            "config": {**asdict(config), "label": config.label}, "sent_s": round(rate, 1),
+            "tok_s": round(num_tokens / run.wall_s), "all_rates": [round(len(sentences) / r.wall_s, 1) for r in runs],
+            "vs_st_batch32": round(rate / st32, 3), "vs_st_batch1": round(rate / st1, 2),
+            "min_cosine": min_cosine, "latency_ms": latency_ms(run.latencies_s),
+            "short_latency_ms": latency_ms(short), "probe_latency_ms": latency_ms(run.probe_latencies_s),
+            **server_load(run, len(sentences)),
+        })
+    return results
+
+
+def report(results: dict) -> None:
+    st32, st1, n = results["st_batch32_sent_s"], results["st_batch1_sent_s"], results["num_sentences"]
+    print(f"machine: {results['machine']}; torch threads (sentence-transformers): {results['torch_threads']}")
+    print(f"sentences: {n} ({n - results['num_long']} short of 3-12 words, {results['num_long']} long of "
+          f"40-120), {results['num_tokens']} tokens; model {EMBEDDING_MODEL}, fp32 CPU")
+    print(f"{'system':<72}{'sent/s':>9}{'tok/s':>8}{'vs ST b32':>11}{'vs ST b1':>10}")
+    tok_per_sent = results["num_tokens"] / n
+    print(f"{'sentence-transformers encode(batch_size=32)':<72}{st32:>9.1f}{st32 * tok_per_sent:>8.0f}"
+          f"{1:>10.2f}x{st32 / st1:>9.2f}x")
+    st1_label = f"sentence-transformers encode(batch_size=1), first {results['st_batch1_sentences']}"
+    print(f"{st1_label:<72}{st1:>9.1f}{'':>8}{st1 / st32:>10.2f}x{1:>9.2f}x")
+    for row in results["servers"]:
+        print(f"{row['config']['label']:<72}{row['sent_s']:>9.1f}{row['tok_s']:>8}"
+              f"{row['vs_st_batch32']:>10.2f}x{row['vs_st_batch1']:>9.2f}x")
+    for row in results["servers"]:
+        lat, short, probe = row["latency_ms"], row["short_latency_ms"], row["probe_latency_ms"]
+        print(f"\n{row['config']['label']}: runs {row['all_rates']} sent/s")
+        print(f"  short sentence under load (probe, n={probe['n']}): p50 {probe.get('p50')} ms, "
+              f"p99 {probe.get('p99')} ms")
+        print(f"  load requests: all p50 {lat['p50']} / p99 {lat['p99']} ms; "
+              f"short ones p50 {short.get('p50')} / p99 {short.get('p99')} ms")
+        print(f"  server: {row.get('mean_batch_size')} inputs per encoder batch; {row.get('server_cores_busy')} "
+              f"cores busy, of which the event loop {row.get('event_loop_cores_busy')} "
+              f"({row.get('event_loop_cpu_ms_per_request')} ms CPU per request); client "
+              f"{row['client_cores_busy']} cores busy ({row['client_cpu_ms_per_request']} ms per request)")
+        ok = [row["vs_st_batch32"] >= TARGETS["vs_st_batch32"], row["vs_st_batch1"] >= TARGETS["vs_st_batch1"],
+              row["min_cosine"] > TARGETS["min_cosine"]]
+        print(f"  min cosine vs sentence-transformers over {n}: {row['min_cosine']:.7f}; targets "
+              f"(>= {TARGETS['vs_st_batch32']}x b32, >= {TARGETS['vs_st_batch1']}x b1, cosine > "
+              f"{TARGETS['min_cosine']}): {', '.join('met' if x else 'MISSED' for x in ok)}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    def ints(text: str) -> list:
+        return [None if part in ("", "default") else int(part) for part in text.split(",")]
+
+    def floats(text: str) -> list:
+        return [None if part in ("", "default") else float(part) for part in text.split(",")]
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-sentences", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clients", type=ints, default=[32], help="concurrent clients (comma list)")
+    parser.add_argument("--batch-wait-ms", type=floats, default=[None], help="EncoderEngine batch_wait_ms (list)")
+    parser.add_argument("--max-batch-tokens", type=ints, default=[None], help="EncoderEngine max_batch_tokens (list)")
+    parser.add_argument("--max-batch-size", type=ints, default=[None], help="EncoderEngine max_batch_size (list)")
+    parser.add_argument("--server-threads", type=ints, default=[None], help="the server's OMP_NUM_THREADS (list)")
+    parser.add_argument("--st-threads", type=int, help="torch threads for sentence-transformers (default: torch's)")
+    parser.add_argument("--st-batch1-sentences", type=int, default=0,
+                        help="sentences for the slow batch_size=1 leg (default: all)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each leg; the median is reported")
+    parser.add_argument("--warmup", type=int, default=64, help="short sentences sent before timing")
+    parser.add_argument("--probe-pause-ms", type=float, default=20.0, help="the probe's pause between requests")
+    parser.add_argument("--url", help="measure this running server instead of starting one")
+    parser.add_argument("--llm-args", default="--model smollm2-135m-instruct --kv-cache-memory 16MiB --max-num-seqs 4",
+                        help="the server's generation-model flags (it always loads one)")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="=--FLAG=VALUE",
+                        help="another flag for the server (repeatable; write --server-arg=--x=y)")
+    parser.add_argument("--server-log-level", default="warning", help="the server's --log-level (info logs each request)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    knobs = [args.batch_wait_ms, args.max_batch_tokens, args.max_batch_size, args.server_threads]
+    if args.url and any(value != [None] for value in knobs):
+        parser.error("--url measures a running server: its batching knobs cannot be set from here")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    results = run_benchmark(args)
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
