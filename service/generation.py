@@ -99,7 +99,7 @@ class Generation:
         if out.finished:
             self.finished, self.final = True, out
             if out.outputs and all(c.finish_reason == "abort" for c in out.outputs):
-                m.aborted.labels("shutdown" if self.server.status == "draining" else "aborted").inc()
+                m.aborted.labels("shutdown").inc()        # only a drain aborts from inside
 
     def abort(self, reason: str) -> None:
         self.abort_reason = reason

@@ -25,6 +25,7 @@ STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+ABORT_REASONS = ("client_disconnect", "shutdown", "error")
 
 
 class Metrics:
@@ -46,6 +47,8 @@ class Metrics:
                                    namespace=ns, registry=r)
         self.aborted = Counter("aborted_requests_total", "generation requests aborted, by reason",
                                ["reason"], namespace=ns, registry=r)
+        for reason in ABORT_REASONS:
+            self.aborted.labels(reason)
         self.embed_inputs = Counter("embed_inputs_total", "inputs embedded or classified",
                                     namespace=ns, registry=r)
         # Gauges (live)

@@ -139,8 +139,15 @@ def _stream(server: ServerProcess, parameters: dict, out: list, first: threading
 
 
 def test_sigterm_drains_streams_refuses_new_work_and_exits_0(tiny_llama):
-    server = ServerProcess(["--model", str(tiny_llama), *TINY_ARGS, *NO_ENCODER, "--drain-timeout", "60"]).start()
+    server = ServerProcess(["--model", str(tiny_llama), *TINY_ARGS, *NO_ENCODER, "--drain-timeout", "60",
+                            "--log-prompts", "--cors-origins", "http://app.example"]).start()
     try:
+        preflight = httpx.options(server.url + "/generate", headers={
+            "Origin": "http://app.example", "Access-Control-Request-Method": "POST"})
+        assert preflight.headers["access-control-allow-origin"] == "http://app.example"
+        other = httpx.options(server.url + "/generate", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in other.headers
         parameters = {"max_new_tokens": 120, "ignore_eos": True}
         results = [[] for _ in range(4)]
         firsts = [threading.Event() for _ in range(4)]
@@ -167,6 +174,7 @@ def test_sigterm_drains_streams_refuses_new_work_and_exits_0(tiny_llama):
             assert result[-1]["details"]["generated_tokens"] == 120 and result[-1]["generated_text"] is not None
         logs = server.logs()
         assert "draining" in logs and "Traceback" not in logs
+        assert "prompt='Once upon'" in logs                         # --log-prompts
     finally:
         server.stop()
 

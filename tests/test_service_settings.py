@@ -1,0 +1,49 @@
+"""Settings: flags over ATTNSERVE_* environment variables over defaults (no server needed)."""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings, load_settings
+
+
+def test_defaults_match_the_design():
+    s = load_settings([])
+    assert (s.model, s.embedding_model, s.classifier_model) == ("smollm2-135m-instruct", "all-minilm-l6-v2", None)
+    assert (s.host, s.port, s.api_keys, s.device) == ("127.0.0.1", 8000, [], "auto")
+    assert s.enable_prefix_caching and not s.log_prompts and s.cors_origins == []
+
+
+def test_flags_win_over_the_environment(monkeypatch):
+    monkeypatch.setenv("ATTNSERVE_MAX_QUEUE", "5")
+    monkeypatch.setenv("ATTNSERVE_DRAIN_TIMEOUT", "7.5")
+    monkeypatch.setenv("ATTNSERVE_ENABLE_PREFIX_CACHING", "false")
+    s = load_settings(["--max-queue", "9", "--kv-cache-memory", "2GiB", "--embedding-model", "none"])
+    assert s.max_queue == 9 and s.drain_timeout == 7.5 and not s.enable_prefix_caching
+    assert s.kv_cache_memory == 2 * 2**30 and s.embedding_model is None
+    assert load_settings(["--enable-prefix-caching"]).enable_prefix_caching
+
+
+def test_api_keys_from_flags_or_a_comma_list(monkeypatch):
+    assert load_settings(["--api-key", "a", "--api-key", "b"]).api_keys == ["a", "b"]
+    monkeypatch.setenv("ATTNSERVE_API_KEYS", "k1, k2,")
+    assert load_settings([]).api_keys == ["k1", "k2"]
+    monkeypatch.delenv("ATTNSERVE_API_KEYS")
+    monkeypatch.setenv("ATTNSERVE_API_KEY", "single")
+    settings = load_settings([])
+    assert settings.api_keys == ["single"]
+    assert "single" not in repr(settings) and "single" not in str(settings)
+
+
+@pytest.mark.parametrize("argv", [["--max-queue", "0"], ["--device", "tpu"], ["--kv-cache-memory", "lots"],
+                                  ["--dtype", "int4"], ["--port", "70000"], ["--log-level", "loud"]])
+def test_bad_values_are_refused(argv):
+    with pytest.raises(ValidationError):
+        load_settings(argv)
+
+
+def test_unknown_flag_exits():
+    with pytest.raises(SystemExit):
+        load_settings(["--no-such-flag"])
+    with pytest.raises(ValidationError):
+        Settings(no_such_field=1)
