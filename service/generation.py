@@ -124,9 +124,9 @@ class Generation:
 
 async def admit(server: Server, info: RequestInfo, prompts: Sequence[str | list[int]],
                 params: SamplingParams, *, truncate: int | None = None,
-                add_special_tokens: bool = True, arrival: float | None = None) -> list[Generation]:
+                add_special_tokens: bool = True) -> list[Generation]:
     """Queue one engine request per prompt; every rejection raises before anything runs."""
-    arrival = arrival if arrival is not None else time.monotonic()
+    arrival = info.arrival                    # when the request reached the server
     server.require_ready()
     llm, limit = server.llm, server.settings.max_queue
     waiting = llm.num_waiting + server.num_admitting

@@ -30,6 +30,7 @@ class RequestInfo:
     """What the request log line and the request metrics need; routes fill it in."""
     request_id: str
     route: str
+    arrival: float = field(default_factory=time.monotonic)   # engine clock: TTFT and queue time
     status: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
