@@ -195,6 +195,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512    # tokens per step (decode + prefill chunks)
     max_model_len: int | None = None     # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False          # CUDA: never replay decode steps from CUDA graphs
     num_threads: int | None = None       # torch intra-op threads on CPU; None: all cores
     seed: int = 0
 

@@ -78,6 +78,8 @@ class LLMEngine:
                                    self.config.max_num_batched_tokens)
         self.sampler = Sampler(self.config.seed)
         self.max_model_len = self._decide_max_model_len()
+        if self.device.type == "cuda" and not self.config.enforce_eager and self.runner.backend.supports_cuda_graphs:
+            self.runner.capture_cuda_graphs(self.config.max_num_seqs, self.max_model_len)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | frozenset(
             self.tokenizer.eos_token_ids)
         self.requests: dict[str, Request] = {}

@@ -61,6 +61,7 @@ class ModelRunner:
         self.num_blocks = self._decide_num_blocks()
         self.backend = select_backend(model_config, device)
         self.kv_cache = self._allocate_kv_cache()
+        self.graphs = None                  # DecodeGraphs once captured (CUDA only)
 
     @property
     def bytes_per_block(self) -> int:
@@ -95,16 +96,39 @@ class ModelRunner:
                     self.block_size, kv_cache.numel() * kv_cache.element_size() / 2**20, self.device)
         return kv_cache
 
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Replay decode steps from CUDA graphs from now on (CUDA backend only)."""
+        from engine.cuda_graphs import DecodeGraphs
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(self.model, max_num_seqs, max_blocks, self.block_size, self.device)
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Run one step; returns logits (len(batch.samples), vocab), one row per sample."""
         if batch.blocks_to_copy:
             self.copy_blocks(batch.blocks_to_copy)
+        if self.graphs is not None and self._is_graph_decode(batch):
+            return self._replay_decode(batch)
         input_ids, positions, meta = self.prepare_inputs(batch)
         hidden = self.model(input_ids, positions, meta)               # (num_tokens, hidden)
         last_rows = torch.tensor(batch.num_new_tokens).cumsum(0) - 1
         rows = last_rows[[index for _, index in batch.samples]].to(self.device)
         return self.model.compute_logits(hidden[rows])
+
+    def _is_graph_decode(self, batch: ScheduledBatch) -> bool:
+        return (len(batch.seqs) <= self.graphs.max_batch_size and len(batch.samples) == len(batch.seqs)
+                and all(n == 1 for n in batch.num_new_tokens))
+
+    def _replay_decode(self, batch: ScheduledBatch) -> torch.Tensor:
+        positions = [seq.num_computed_tokens for seq in batch.seqs]
+        logits = self.graphs.run(
+            token_ids=[seq.token_ids[pos] for seq, pos in zip(batch.seqs, positions)],
+            positions=positions,
+            slot_mapping=[seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+                          for seq, pos in zip(batch.seqs, positions)],
+            block_tables=[seq.block_table for seq in batch.seqs],
+            seq_lens=[pos + 1 for pos in positions])
+        return logits[[index for _, index in batch.samples]]
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: whole blocks, every layer, K and V."""

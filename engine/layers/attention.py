@@ -51,6 +51,7 @@ class AttnMetadata:
 
 class AttentionBackend(Protocol):
     block_axis: int                     # which axis of kv_cache_shape counts blocks
+    supports_cuda_graphs: bool          # decode steps may be captured and replayed
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
                        head_dim: int) -> tuple[int, ...]: ...
@@ -69,6 +70,7 @@ class TorchAttention:
     """
 
     block_axis = 1
+    supports_cuda_graphs = False        # its gathers and masks are shaped by each step
 
     def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
         return (num_kv_heads, num_blocks, block_size, head_dim)

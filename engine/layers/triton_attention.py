@@ -87,6 +87,7 @@ class CudaAttention:
     """
 
     block_axis = 1
+    supports_cuda_graphs = True         # shapes depend on static buffers only; slot -1 writes nothing
 
     def __init__(self, sliding_window: int | None = None):
         if triton is None:
