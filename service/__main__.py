@@ -13,6 +13,7 @@ import sys
 from types import FrameType
 
 import uvicorn
+from pydantic import ValidationError
 
 from service.app import create_app
 from service.settings import Settings, load_settings
@@ -61,7 +62,12 @@ def configure_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings: Settings = load_settings(argv)
+    try:
+        settings: Settings = load_settings(argv)
+    except ValidationError as exc:
+        for error in exc.errors():
+            print(f"python -m service: {'.'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level)
     logger.info("starting with %s", settings)
     holder: dict[str, DrainingServer] = {}

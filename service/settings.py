@@ -20,9 +20,9 @@ _NO_MODEL = ("", "none", "null", "off")
 _HELP = {
     "model": "generation model: a default name, an HF checkpoint dir or a .gguf file",
     "embedding_model": "encoder for /embed and /v1/embeddings ('none' serves no encoder)",
-    "classifier_model": "encoder for /classify (default: the embedding model, zero-shot)",
+    "classifier_model": "encoder for /classify (unset: the embedding model)",
     "api_keys": "accepted bearer key (repeatable); none configured means no auth",
-    "kv_cache_memory": "bytes for the KV pool, e.g. 2GiB (default: decided by the device)",
+    "kv_cache_memory": "bytes for the KV pool, e.g. 2GiB (unset: decided by the device)",
     "max_queue": "waiting generation requests beyond which new ones get 429",
     "drain_timeout": "seconds SIGTERM lets running requests finish before aborting them",
     "log_prompts": "log prompt text (off: only sizes are logged)",
@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Every flag --x-y may also be set as the environment variable {ENV_PREFIX}X_Y.")
     for name, field in Settings.model_fields.items():
         flag = "--" + ("api-key" if name == "api_keys" else name.replace("_", "-"))
-        help_text = _HELP.get(name, "") + f" (default: {field.default!r})"
+        default = "" if field.default in (None, []) else f" (default: {field.default!r})"
+        help_text = (_HELP.get(name, "") + default).strip()
         if field.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
