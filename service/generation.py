@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from engine.async_engine import EngineDeadError, GenerationError, RequestStream
 from engine.outputs import GeneratedToken, RequestOutput
@@ -28,6 +30,7 @@ from service.runtime import RequestInfo, Server
 
 logger = logging.getLogger("service")
 _ids = itertools.count()
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class ClientGone(Exception):
@@ -221,10 +224,27 @@ async def collect(request: Request, gens: list[Generation]) -> list[Result]:
         watcher.cancel()
     if gone:
         raise ClientGone()
+    if work.exception() is not None:          # one failed: the others of this request stop too
+        abort_unfinished(gens, "error")
     results = work.result()                   # re-raises an APIError from a failed generation
     if any(g.was_aborted for g in gens):
         raise APIError(503, "the server is shutting down; the request was aborted before it finished")
     return results
+
+
+def abort_unfinished(gens: list[Generation], reason: str) -> None:
+    for gen in gens:
+        if not gen.finished:
+            gen.abort(reason)
+
+
+def event_stream(events: AsyncIterator[str], gens: list[Generation]) -> StreamingResponse:
+    """An SSE response; whatever its generator leaves unfinished (the client left while an
+    event was being sent, or before the first) is aborted once the response ends."""
+    async def cleanup() -> None:
+        abort_unfinished(gens, "client_disconnect")
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS,
+                             background=BackgroundTask(cleanup))
 
 
 def _retrieve(future: asyncio.Future) -> None:
@@ -282,9 +302,7 @@ async def merge(gens: list[Generation]) -> AsyncIterator[tuple[int, RequestOutpu
                 continue
             yield i, out
     finally:
-        for gen in gens:
-            if not gen.finished:
-                gen.abort(reason)
+        abort_unfinished(gens, reason)
         for task in tasks:
             task.cancel()
 

@@ -15,12 +15,12 @@ import math
 import random
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
 
 from engine.outputs import CompletionOutput, GeneratedToken
 from service.encoding import encode, submit_classify, submit_embed
 from service.errors import APIError, error_event, openapi_errors
-from service.generation import ClientGone, Generation, admit, check_max_tokens, collect, sampling_params
+from service.generation import (ClientGone, Generation, admit, check_max_tokens, collect, event_stream,
+                                sampling_params)
 from service.runtime import Server
 from service.schemas import (ClassifyRequest, DetokenizeRequest, DetokenizeResponse, EmbedRequest,
                              GenerateParameters, GenerateRequest, GenerateResponse, LabelScore, SimpleToken,
@@ -29,7 +29,6 @@ from service.schemas import (ClassifyRequest, DetokenizeRequest, DetokenizeRespo
 logger = logging.getLogger("service")
 router = APIRouter(tags=["TGI / TEI"])
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _GEN_ERRORS = openapi_errors(400, 401, 413, 422, 429, 500, 503)
 _STREAM_DOC = {200: {"description": "Server-sent events (text/event-stream), one per token "
                      "(`data: {...}`); the last carries generated_text and details"}}
@@ -109,8 +108,7 @@ async def generate(body: GenerateRequest, request: Request):
              summary="Generate text as server-sent events (TGI)")
 async def generate_stream(body: GenerateRequest, request: Request):
     gen, seed = await _start(request, body)
-    return StreamingResponse(_events(request, gen, seed, body.parameters),
-                             media_type="text/event-stream", headers=SSE_HEADERS)
+    return event_stream(_events(request, gen, seed, body.parameters), [gen])
 
 
 @router.post("/", response_model=GenerateResponse, responses=_GEN_ERRORS,

@@ -15,13 +15,13 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
 
 from engine.outputs import CompletionOutput, GeneratedToken
 from service.encoding import encode, encoder_for, submit_embed
 from service.errors import APIError, error_event, openapi_errors
-from service.generation import ClientGone, Generation, admit, check_max_tokens, collect, merge, sampling_params
-from service.routes.native import SSE_HEADERS, info_of, server_of
+from service.generation import (ClientGone, Generation, admit, check_max_tokens, collect, event_stream, merge,
+                                sampling_params)
+from service.routes.native import info_of, server_of
 from service.runtime import VERSION, Server
 from service.schemas import (ChatCompletion, ChatCompletionRequest, Completion,
                              CompletionRequest, EmbeddingRequest, EmbeddingResponse, ModelList, SamplingFields)
@@ -136,8 +136,7 @@ async def completions(body: CompletionRequest, request: Request):
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT}
     if body.stream:
-        return StreamingResponse(_completion_events(request, body, gens, head),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return event_stream(_completion_events(request, body, gens, head), gens)
     try:
         results = await collect(request, gens)
     except ClientGone:
@@ -249,8 +248,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT}
     if body.stream:
-        return StreamingResponse(_chat_events(request, body, gen, head),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return event_stream(_chat_events(request, body, gen, head), [gen])
     try:
         (result,) = await collect(request, [gen])
     except ClientGone:
