@@ -23,16 +23,14 @@ from service.generation import (ClientGone, Generation, admit, check_max_tokens,
                                 sampling_params)
 from service.routes.native import info_of, server_of
 from service.runtime import VERSION, Server
-from service.schemas import (ChatCompletion, ChatCompletionRequest, Completion,
-                             CompletionRequest, EmbeddingRequest, EmbeddingResponse, ModelList, SamplingFields)
+from service.schemas import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest,
+                             EmbeddingRequest, EmbeddingResponse, ModelList, SamplingFields)
 
 logger = logging.getLogger("service")
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
 
 FINGERPRINT = f"attnserve-{VERSION}"
 _ERRORS = openapi_errors(400, 401, 404, 413, 422, 429, 500, 503, openai=True)
-
-
 _STREAM_DOC = {200: {"description": "JSON; with stream=true, server-sent events (text/event-stream) "
                      "ending with `data: [DONE]`"}}
 
