@@ -11,17 +11,21 @@ Then our server (started here, one per configuration, unless --url) gets them fr
 closed-loop clients sharing one keep-alive HTTP/1.1 pool, each POSTing one sentence per
 /embed request; throughput is sentences / wall time. Meanwhile a probe client sends one short
 sentence at a time: its latencies are those of "a short sentence under load". Every HTTP
-vector is compared with sentence-transformers' batch-32 vector (cosine).
+vector is compared with sentence-transformers' batch-32 vector (cosine). The clients run in
+this process, on the same cores as the server: --client raw swaps httpx for a minimal HTTP/1.1
+client that costs a tenth of the CPU per request (--client httpx,raw measures both).
 
-The service has no flags for the encoder's batching yet, so --batch-wait-ms, --max-batch-tokens
-and --max-batch-size start the server through a bootstrap that sets EncoderEngine's defaults
-(benchmark-only; `python -m service` itself is unchanged). --server-threads sets OMP_NUM_THREADS.
-Each of them, and --clients, takes a comma list; every combination gets a server and a row.
+The service has no flags for the encoder's batching or its threads yet, so --batch-wait-ms,
+--max-batch-tokens, --max-batch-size and --server-threads start the server through a bootstrap
+that sets EncoderEngine's defaults and torch's thread count (benchmark-only; `python -m service`
+itself is unchanged). Each of them, --clients and --client take a comma list; every combination gets
+a server and a row.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -45,10 +49,17 @@ from benchmarks.sentences import is_long, mixed_sentences, short_sentences  # no
 
 EMBEDDING_MODEL = "all-minilm-l6-v2"
 TARGETS = {"vs_st_batch32": 0.9, "vs_st_batch1": 3.0, "min_cosine": 0.99999}
-# Sets EncoderEngine's keyword defaults from the environment, then runs `python -m service`.
+# Sets EncoderEngine's keyword defaults and the torch threads, then runs `python -m service`.
+# (LLMEngine sets torch's threads to every core from its loader thread; the encoder's own
+# thread takes its OpenMP team size from OMP_NUM_THREADS, set alongside.)
 _BOOTSTRAP = """import json, os, sys
+import engine.llm_engine
 from engine.encoder_engine import EncoderEngine
-EncoderEngine.__init__.__kwdefaults__.update(json.loads(os.environ["ATTNSERVE_BENCH_ENCODER"]))
+knobs = json.loads(os.environ["ATTNSERVE_BENCH_ENCODER"])
+threads = knobs.pop("threads", None)
+if threads:
+    engine.llm_engine.default_num_threads = lambda: threads
+EncoderEngine.__init__.__kwdefaults__.update(knobs)
 from service.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -58,6 +69,7 @@ sys.exit(main(sys.argv[1:]))
 class ServerConfig:
     """One row of the sweep. None means the server's own default."""
     clients: int
+    client: str = "httpx"                 # httpx | raw
     batch_wait_ms: float | None = None
     max_batch_tokens: int | None = None
     max_batch_size: int | None = None
@@ -72,7 +84,7 @@ class ServerConfig:
     @property
     def label(self) -> str:
         knobs = [f"{k}={v}" for k, v in {**self.encoder_knobs, "threads": self.threads}.items() if v is not None]
-        return f"attnserve /embed, {self.clients} clients" + (f" ({', '.join(knobs)})" if knobs else "")
+        return f"attnserve /embed, {self.clients} {self.client} clients" + (f" ({', '.join(knobs)})" if knobs else "")
 
 
 @dataclass
@@ -94,7 +106,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         args = ["--host", "127.0.0.1", "--port", str(self.port), "--embedding-model", EMBEDDING_MODEL,
                 "--log-level", log_level, *llm_args, *extra_args]
-        knobs = config.encoder_knobs
+        knobs = {**config.encoder_knobs, **({"threads": config.threads} if config.threads else {})}
         self.command = [sys.executable, *(["-c", _BOOTSTRAP] if knobs else ["-m", "service"]), *args]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "ATTNSERVE_BENCH_ENCODER": json.dumps(knobs),
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -135,6 +147,7 @@ class ServerProcess:
             return {}
 
     def stop(self) -> None:
+        """SIGTERM (drains); the log is kept only if the server did not exit cleanly."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -142,6 +155,10 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc is not None and self.proc.returncode == 0:
+            self.log_path.unlink(missing_ok=True)
+        elif self.proc is not None:
+            print(f"server exited with {self.proc.returncode}; its log: {self.log_path}", file=sys.stderr)
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -149,45 +166,91 @@ class ServerProcess:
 
 # --- the HTTP load ---
 
-async def embed_one(client: httpx.AsyncClient, text: str) -> tuple[list[float], float]:
+class RawConnection:
+    """One keep-alive HTTP/1.1 connection that speaks just enough for POST /embed: a tenth of
+    httpx's client CPU per request, which shares the cores with the server (--client raw)."""
+
+    def __init__(self, url: str):
+        self.url = httpx.URL(url)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.url.host, self.url.port)
+        self.writer.write(b"POST /embed HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (self.url.netloc, len(body), body))
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length:[ \t]*(\d+)", head)
+        if length is None:
+            raise RuntimeError(f"an answer without Content-Length: {head[:500]!r}")
+        return int(head.split(b" ", 2)[1]), await self.reader.readexactly(int(length.group(1)))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+@contextlib.asynccontextmanager
+async def open_senders(url: str, kind: str, num: int):
+    """`num` async send(body) -> (status, body) functions: httpx (one shared keep-alive pool
+    of `num` connections) or raw (a RawConnection each)."""
+    if kind == "httpx":
+        limits = httpx.Limits(max_connections=num, max_keepalive_connections=num)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as client:
+            async def send(body: bytes) -> tuple[int, bytes]:
+                response = await client.post("/embed", content=body, headers={"Content-Type": "application/json"})
+                return response.status_code, response.content
+            yield [send] * num
+        return
+    connections = [RawConnection(url) for _ in range(num)]
+    try:
+        yield [connection.post for connection in connections]
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+async def embed_one(send, text: str) -> tuple[list[float], float]:
+    body = json.dumps({"inputs": text, "normalize": True, "truncate": True}).encode()
     started = time.perf_counter()
-    response = await client.post("/embed", json={"inputs": text, "normalize": True, "truncate": True})
+    status, content = await send(body)
     latency = time.perf_counter() - started
-    if response.status_code != 200:
-        raise RuntimeError(f"/embed answered {response.status_code}: {response.text[:500]}")
-    (vector,) = response.json()
+    if status != 200:
+        raise RuntimeError(f"/embed answered {status}: {content[:500]!r}")
+    (vector,) = json.loads(content)
     return vector, latency
 
 
 async def run_load(url: str, sentences: list[str], num_clients: int, probe_texts: list[str],
-                   probe_pause_s: float, warmup: list[str], snapshot=lambda: {}) -> LoadResult:
+                   probe_pause_s: float, warmup: list[str], snapshot=lambda: {},
+                   client: str = "httpx") -> LoadResult:
     """num_clients closed-loop clients take the sentences in order, one per request, while a
     probe sends probe_texts one at a time (pausing probe_pause_s between them). `snapshot()`
     (a dict of counters) is taken after the warm-up and when the last sentence is answered."""
-    limits = httpx.Limits(max_connections=num_clients + 1, max_keepalive_connections=num_clients + 1)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as client:
+    async with open_senders(url, client, num_clients + 1) as senders:
         warm = iter(warmup)                            # opens every connection once
 
-        async def warm_client():
+        async def warm_client(send):
             for text in warm:
-                await embed_one(client, text)
-        await asyncio.gather(*(warm_client() for _ in range(num_clients + 1)))
+                await embed_one(send, text)
+        await asyncio.gather(*map(warm_client, senders))
 
         vectors: list = [None] * len(sentences)
         latencies = [0.0] * len(sentences)
         next_index = iter(range(len(sentences)))      # shared: each client takes the next sentence
         done = asyncio.Event()
 
-        async def load_client():
+        async def load_client(send):
             for i in next_index:
-                vectors[i], latencies[i] = await embed_one(client, sentences[i])
+                vectors[i], latencies[i] = await embed_one(send, sentences[i])
 
-        async def probe() -> list[float]:
+        async def probe(send) -> list[float]:
             seen = []
             for text in itertools.cycle(probe_texts):
                 if done.is_set():
                     return seen
-                seen.append((await embed_one(client, text))[1])
+                seen.append((await embed_one(send, text))[1])
                 try:
                     await asyncio.wait_for(done.wait(), probe_pause_s)
                 except TimeoutError:
@@ -195,9 +258,9 @@ async def run_load(url: str, sentences: list[str], num_clients: int, probe_texts
             return seen
 
         before = snapshot()
-        probing = asyncio.ensure_future(probe())
+        probing = asyncio.ensure_future(probe(senders[-1]))
         started = time.perf_counter()
-        await asyncio.gather(*(load_client() for _ in range(num_clients)))
+        await asyncio.gather(*map(load_client, senders[:-1]))
         wall = time.perf_counter() - started
         after = snapshot()
         done.set()
@@ -217,7 +280,8 @@ def measure_server(url: str, server: ServerProcess | None, sentences: list[str],
     def snapshot() -> dict[str, float]:
         return {"client_cpu_s": time.process_time(), **(server.cpu_seconds() if server else {}),
                 **embed_batch_totals(url)}
-    return asyncio.run(run_load(url, sentences, config.clients, probe_texts, probe_pause_s, warmup, snapshot))
+    return asyncio.run(run_load(url, sentences, config.clients, probe_texts, probe_pause_s, warmup,
+                                snapshot, config.client))
 
 
 # --- sentence-transformers, statistics ---
@@ -266,9 +330,27 @@ def server_load(run: LoadResult, num_requests: int) -> dict:
 
 # --- the run ---
 
-def configs_of(args) -> list[ServerConfig]:
-    grid = [args.clients, args.batch_wait_ms, args.max_batch_tokens, args.max_batch_size, args.server_threads]
-    return [ServerConfig(*values) for values in itertools.product(*grid)]
+def configs_of(args) -> list[list[ServerConfig]]:
+    """The sweep, one list per server: configurations that differ only in their clients share it."""
+    servers = itertools.product(args.batch_wait_ms, args.max_batch_tokens, args.max_batch_size, args.server_threads)
+    return [[ServerConfig(clients, client, *knobs) for clients, client in itertools.product(args.clients, args.client)]
+            for knobs in servers]
+
+
+def summarize(config: ServerConfig, runs: list[LoadResult], sentences: list[str], reference: np.ndarray,
+              st32: float, st1: float, num_tokens: int) -> dict:
+    """One row: the median run's rate and latencies, every run's cosines."""
+    index, rate = median_run(runs, lambda run: len(sentences) / run.wall_s)
+    run = runs[index]
+    short = [lat for lat, text in zip(run.latencies_s, sentences) if not is_long(text)]
+    return {
+        "config": {**asdict(config), "label": config.label}, "sent_s": round(rate, 1),
+        "tok_s": round(num_tokens / run.wall_s), "all_rates": [round(len(sentences) / r.wall_s, 1) for r in runs],
+        "vs_st_batch32": round(rate / st32, 3), "vs_st_batch1": round(rate / st1, 2),
+        "min_cosine": float(min(cosines(r.vectors, reference).min() for r in runs)),
+        "latency_ms": latency_ms(run.latencies_s), "short_latency_ms": latency_ms(short),
+        "probe_latency_ms": latency_ms(run.probe_latencies_s), **server_load(run, len(sentences)),
+    }
 
 
 def run_benchmark(args) -> dict:
@@ -298,29 +380,18 @@ def run_benchmark(args) -> dict:
                "st_batch32_sent_s": round(st32, 1), "st_batch1_sent_s": round(st1, 1),
                "st_batch1_sentences": len(st1_sentences),
                "st_batch1_vs_batch32_min_cosine": float(st1_vs_32), "targets": TARGETS, "servers": []}
-    for config in configs_of(args):
+    for group in configs_of(args):
         server = None
         if args.url is None:
-            server = ServerProcess(config, args.llm_args.split(), args.server_arg, args.server_log_level).start()
+            server = ServerProcess(group[0], args.llm_args.split(), args.server_arg, args.server_log_level).start()
         try:
-            url = args.url or server.url
-            runs = [measure_server(url, server, sentences, config, probe_texts, args.probe_pause_ms / 1000, warmup)
-                    for _ in range(args.repeats)]
+            for config in group:
+                runs = [measure_server(args.url or server.url, server, sentences, config, probe_texts,
+                                       args.probe_pause_ms / 1000, warmup) for _ in range(args.repeats)]
+                results["servers"].append(summarize(config, runs, sentences, reference, st32, st1, num_tokens))
         finally:
             if server is not None:
                 server.stop()
-        index, rate = median_run(runs, lambda run: len(sentences) / run.wall_s)
-        run = runs[index]
-        short = [lat for lat, text in zip(run.latencies_s, sentences) if not is_long(text)]
-        min_cosine = float(min(cosines(r.vectors, reference).min() for r in runs))
-        results["servers"].append({
-            "config": {**asdict(config), "label": config.label}, "sent_s": round(rate, 1),
-            "tok_s": round(num_tokens / run.wall_s), "all_rates": [round(len(sentences) / r.wall_s, 1) for r in runs],
-            "vs_st_batch32": round(rate / st32, 3), "vs_st_batch1": round(rate / st1, 2),
-            "min_cosine": min_cosine, "latency_ms": latency_ms(run.latencies_s),
-            "short_latency_ms": latency_ms(short), "probe_latency_ms": latency_ms(run.probe_latencies_s),
-            **server_load(run, len(sentences)),
-        })
     return results
 
 
@@ -333,11 +404,13 @@ def report(results: dict) -> None:
     tok_per_sent = results["num_tokens"] / n
     print(f"{'sentence-transformers encode(batch_size=32)':<72}{st32:>9.1f}{st32 * tok_per_sent:>8.0f}"
           f"{1:>10.2f}x{st32 / st1:>9.2f}x")
-    st1_label = f"sentence-transformers encode(batch_size=1), first {results['st_batch1_sentences']}"
+    subset = results["st_batch1_sentences"]
+    st1_label = "sentence-transformers encode(batch_size=1)" + (f", first {subset}" if subset < n else "")
     print(f"{st1_label:<72}{st1:>9.1f}{'':>8}{st1 / st32:>10.2f}x{1:>9.2f}x")
     for row in results["servers"]:
         print(f"{row['config']['label']:<72}{row['sent_s']:>9.1f}{row['tok_s']:>8}"
               f"{row['vs_st_batch32']:>10.2f}x{row['vs_st_batch1']:>9.2f}x")
+    print(f"sentence-transformers batch 1 vs batch 32: min cosine {results['st_batch1_vs_batch32_min_cosine']:.7f}")
     for row in results["servers"]:
         lat, short, probe = row["latency_ms"], row["short_latency_ms"], row["probe_latency_ms"]
         print(f"\n{row['config']['label']}: runs {row['all_rates']} sent/s")
@@ -363,6 +436,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     def floats(text: str) -> list:
         return [None if part in ("", "default") else float(part) for part in text.split(",")]
 
+    def clients(text: str) -> list[str]:
+        kinds = text.split(",")
+        if not set(kinds) <= {"httpx", "raw"}:
+            raise argparse.ArgumentTypeError(f"clients are httpx or raw, got {text!r}")
+        return kinds
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-sentences", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
@@ -370,19 +449,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-wait-ms", type=floats, default=[None], help="EncoderEngine batch_wait_ms (list)")
     parser.add_argument("--max-batch-tokens", type=ints, default=[None], help="EncoderEngine max_batch_tokens (list)")
     parser.add_argument("--max-batch-size", type=ints, default=[None], help="EncoderEngine max_batch_size (list)")
-    parser.add_argument("--server-threads", type=ints, default=[None], help="the server's OMP_NUM_THREADS (list)")
+    parser.add_argument("--server-threads", type=ints, default=[None], help="the server's torch threads (list)")
     parser.add_argument("--st-threads", type=int, help="torch threads for sentence-transformers (default: torch's)")
     parser.add_argument("--st-batch1-sentences", type=int, default=0,
                         help="sentences for the slow batch_size=1 leg (default: all)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each leg; the median is reported")
     parser.add_argument("--warmup", type=int, default=64, help="short sentences sent before timing")
     parser.add_argument("--probe-pause-ms", type=float, default=20.0, help="the probe's pause between requests")
+    parser.add_argument("--client", type=clients, default=["httpx"],
+                        help="httpx (httpx.AsyncClient) and/or raw (a minimal asyncio HTTP/1.1 client, a tenth "
+                             "of the client CPU): a comma list")
     parser.add_argument("--url", help="measure this running server instead of starting one")
     parser.add_argument("--llm-args", default="--model smollm2-135m-instruct --kv-cache-memory 16MiB --max-num-seqs 4",
                         help="the server's generation-model flags (it always loads one)")
     parser.add_argument("--server-arg", action="append", default=[], metavar="=--FLAG=VALUE",
                         help="another flag for the server (repeatable; write --server-arg=--x=y)")
-    parser.add_argument("--server-log-level", default="warning", help="the server's --log-level (info logs each request)")
+    parser.add_argument("--server-log-level", default="info",
+                        help="the server's --log-level (its default, info, logs a line per request)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     knobs = [args.batch_wait_ms, args.max_batch_tokens, args.max_batch_size, args.server_threads]

@@ -35,30 +35,34 @@ def test_statistics():
 
 def test_sweep_grid_and_url_refuses_knobs():
     args = embed.parse_args(["--clients", "4,8", "--batch-wait-ms", "0,default", "--max-batch-tokens", "512"])
-    configs = embed.configs_of(args)
-    assert len(configs) == 4 and configs[1] == embed.ServerConfig(4, None, 512)
-    assert configs[0].encoder_knobs == {"batch_wait_ms": 0.0, "max_batch_tokens": 512}
+    first, second = embed.configs_of(args)                   # one server per batching setting
+    assert [c.clients for c in first] == [4, 8] and second[0] == embed.ServerConfig(4, "httpx", None, 512)
+    assert first[0].encoder_knobs == {"batch_wait_ms": 0.0, "max_batch_tokens": 512}
     with pytest.raises(SystemExit):
         embed.parse_args(["--url", "http://127.0.0.1:1", "--batch-wait-ms", "1"])
+    with pytest.raises(SystemExit):
+        embed.parse_args(["--client", "httpx,curl"])
 
 
 def test_small_run_against_the_real_server(tiny_llama, tmp_path, capsys):
     pytest.importorskip("sentence_transformers")
     out = tmp_path / "embed.json"
-    embed.main(["--num-sentences", "20", "--clients", "4", "--st-batch1-sentences", "3", "--warmup", "4",
+    embed.main(["--num-sentences", "20", "--clients", "4", "--client", "httpx,raw", "--st-batch1-sentences", "3",
+                "--warmup", "4",
                 "--batch-wait-ms", "2", "--probe-pause-ms", "5", "--json", str(out),
                 "--llm-args", f"--model {tiny_llama} --kv-cache-memory 16MiB --max-num-seqs 4"])
     results = json.loads(out.read_text())
     assert results["num_sentences"] == 20 and results["num_tokens"] > 20
     assert results["st_batch32_sent_s"] > 0 and results["st_batch1_sent_s"] > 0
     assert results["st_batch1_vs_batch32_min_cosine"] > 0.99999
-    (row,) = results["servers"]
-    assert row["config"]["batch_wait_ms"] == 2.0 and row["config"]["clients"] == 4
-    assert row["min_cosine"] > 0.99999                       # every HTTP vector matches ST's
-    assert row["sent_s"] > 0 and row["vs_st_batch32"] > 0
-    assert row["latency_ms"]["n"] == 20 and row["latency_ms"]["p50"] <= row["latency_ms"]["p99"]
-    assert row["probe_latency_ms"]["n"] >= 1
-    assert row["mean_batch_size"] >= 1 and row["server_cores_busy"] > 0
-    assert 0 < row["event_loop_cpu_ms_per_request"] < row["server_cpu_ms_per_request"]
+    assert [row["config"]["client"] for row in results["servers"]] == ["httpx", "raw"]
+    for row in results["servers"]:
+        assert row["config"]["batch_wait_ms"] == 2.0 and row["config"]["clients"] == 4
+        assert row["min_cosine"] > 0.99999                   # every HTTP vector matches ST's
+        assert row["sent_s"] > 0 and row["vs_st_batch32"] > 0
+        assert row["latency_ms"]["n"] == 20 and row["latency_ms"]["p50"] <= row["latency_ms"]["p99"]
+        assert row["probe_latency_ms"]["n"] >= 1
+        assert row["mean_batch_size"] >= 1 and row["server_cores_busy"] > 0
+        assert 0 < row["event_loop_cpu_ms_per_request"] < row["server_cpu_ms_per_request"]
     printed = capsys.readouterr().out
-    assert "attnserve /embed, 4 clients (batch_wait_ms=2.0)" in printed and "min cosine" in printed
+    assert "attnserve /embed, 4 raw clients (batch_wait_ms=2.0)" in printed and "min cosine" in printed
