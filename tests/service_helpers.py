@@ -9,6 +9,7 @@ for the service tests to talk to with real clients.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -46,7 +47,8 @@ class ServerProcess:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), self.env.get("PYTHONPATH")]))
         self.api_key = api_key
-        self.log_path = Path(tempfile.mkstemp(prefix="attnserve-", suffix=".log")[1])
+        self.log_path = Path(tempfile.mkstemp(prefix="attnserve-test-", suffix=".log")[1])
+        atexit.register(self.log_path.unlink, missing_ok=True)
         self.proc: subprocess.Popen | None = None
         self.ready_statuses: list[int] = []      # what /ready answered while starting
 
