@@ -114,6 +114,9 @@ class LLMEngine:
         text = prompt if isinstance(prompt, str) else prompt_text
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate_prompt(prompt_ids)
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n {params.n} exceeds max_num_seqs {self.config.max_num_seqs}: "
+                             "the completions of one request run together")
         now = arrival_time if arrival_time is not None else time.monotonic()
         seqs = [self._new_sequence(request_id, prompt_ids, params, i, now) for i in range(params.n)]
         seqs[0].siblings = seqs[1:]

@@ -212,6 +212,13 @@ def test_prompt_too_long_names_both_lengths(tiny_llama):
         engine.add_request("oov", [5, 384], SamplingParams())
 
 
+def test_more_completions_than_sequences_per_step_is_refused(tiny_llama):
+    engine = make_engine(tiny_llama, max_num_seqs=8)
+    with pytest.raises(ValueError, match=r"n 11 exceeds max_num_seqs 8"):
+        engine.add_request("r", [5, 6], SamplingParams(n=11))
+    assert not engine.has_unfinished_requests()
+
+
 def test_generation_stops_at_max_model_len(tiny_llama):
     engine = make_engine(tiny_llama, max_model_len=16)
     engine.add_request("r", [5] * 10, SamplingParams(max_tokens=100, ignore_eos=True))
