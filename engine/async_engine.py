@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence as Seq
+from typing import Sequence as Seq
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput

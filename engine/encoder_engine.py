@@ -7,236 +7,27 @@
 
 A request's inputs are queued one by one, so a large request fills several batches and small
 requests from many clients share one. Batches are packed: no padding outside attention.
-
-Exceptions for the HTTP layer: `InputTooLongError` -> 400, any other `EncoderError` (a
-ValueError) -> 422, `QueueFullError` -> 429, `EngineStoppedError` -> 503; anything else a
-Future raises is our bug (500).
+The model side (validation, batches, heads) lives in engine/encoder_runner.py; its
+exceptions are re-exported here for the HTTP layer.
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from concurrent.futures import Future
+from typing import Callable, Sequence
 
 import torch
 
-from engine.config import UnsupportedModelError
-from engine.layers.attention import build_attn_metadata
-from engine.loader import build_model, load_tokenizer, open_checkpoint
-from engine.models.bert import read_pooling_config
+from engine.encoder_runner import (EncoderError, EncoderOutput, EncoderRunner, EngineStoppedError,
+                                   InputTooLongError, Inputs, Item, Job, QueueFullError, run_batch)
 
+__all__ = ["Encoder", "EncoderEngine", "EncoderError", "EncoderOutput", "EngineStoppedError",
+           "InputTooLongError", "QueueFullError", "take_batch"]
 logger = logging.getLogger(__name__)
-# Zero-shot scores are softmax(cosine * 20): the scale all-MiniLM-L6-v2 was trained with
-# (sentence-transformers' MultipleNegativesRankingLoss), i.e. temperature 0.05.
-ZERO_SHOT_SCALE = 20.0
-Inputs = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
-
-
-class EncoderError(ValueError):
-    """A request the encoder refuses before queueing it (HTTP 422)."""
-
-
-class InputTooLongError(EncoderError):
-    """An input past the model's maximum length without truncate (HTTP 400)."""
-
-
-class QueueFullError(RuntimeError):
-    """Too many inputs waiting (HTTP 429)."""
-
-
-class EngineStoppedError(RuntimeError):
-    """The engine is not running (HTTP 503)."""
-
-
-@dataclass(frozen=True, slots=True)
-class EncoderOutput:
-    data: list                 # embeddings list[list[float]] or scores list[list[{label, score}]]
-    num_tokens: int            # tokens of the inputs as run (after truncation), for usage
-
-
-class Job:
-    """One request: its inputs' rows gather here; `future` resolves when the last is in.
-
-    Only the thread that runs batches calls `set_row` / `fail`."""
-
-    def __init__(self, num_rows: int, finish: Callable[[list], Any], num_tokens: int):
-        self.future: Future = Future()
-        self._rows: list = [None] * num_rows
-        self._remaining = num_rows
-        self._finish, self._num_tokens = finish, num_tokens
-
-    def set_row(self, index: int, row: list[float]) -> None:
-        if self.future.done():            # failed or cancelled already
-            return
-        self._rows[index] = row
-        self._remaining -= 1
-        if self._remaining == 0:
-            self._resolve()
-
-    def _resolve(self) -> None:
-        try:
-            result = EncoderOutput(self._finish(self._rows), self._num_tokens)
-        except Exception as exc:          # a bug in finishing must still answer the caller
-            return self.fail(exc)
-        try:
-            self.future.set_result(result)
-        except InvalidStateError:         # cancelled by the caller meanwhile
-            pass
-
-    def fail(self, exc: BaseException) -> None:
-        try:
-            self.future.set_exception(exc)
-        except InvalidStateError:
-            pass
-
-
-@dataclass(slots=True)
-class Item:
-    """One input of a Job, as the batcher sees it."""
-    token_ids: list[int]
-    want: str                  # "embedding" | "logits"
-    normalize: bool
-    job: Job
-    index: int                 # its row in the Job
-
-
-class EncoderRunner:
-    """A BERT checkpoint with its tokenizer and pooling: requests -> Jobs, batches -> rows."""
-
-    def __init__(self, model: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 max_inputs_per_request: int | None = None):
-        checkpoint = open_checkpoint(model)
-        if checkpoint.config.family != "bert":
-            raise UnsupportedModelError(f"{model}: an encoder needs a BERT-family checkpoint, "
-                                        f"got {checkpoint.config.model_type!r}")
-        self.model_id, self.config, self.device = str(model), checkpoint.config, torch.device(device)
-        self.pooling = read_pooling_config(checkpoint.path)
-        self.model = build_model(checkpoint, dtype, self.device)
-        self.tokenizer = load_tokenizer(checkpoint)
-        limits = [self.config.max_position_embeddings, self.pooling.max_seq_length]
-        self.max_length: int = min(n for n in limits if n)
-        self.max_inputs_per_request = max_inputs_per_request
-        self._suffix = _special_suffix(self.tokenizer)
-
-    @property
-    def has_classifier(self) -> bool:
-        return self.model.classifier is not None
-
-    # --- requests: validation before anything is queued ---
-
-    def embed_job(self, inputs: Inputs, normalize: bool, truncate: bool) -> tuple[Job, list[Item]]:
-        ids = self.prepare(inputs, truncate)
-        job = Job(len(ids), list, sum(map(len, ids)))
-        return job, [Item(x, "embedding", normalize, job, i) for i, x in enumerate(ids)]
-
-    def classify_job(self, inputs: Inputs, candidate_labels: Sequence[str] | None,
-                     truncate: bool) -> tuple[Job, list[Item]]:
-        ids = self.prepare(inputs, truncate)
-        if candidate_labels is not None:
-            labels = _check_labels(candidate_labels)
-            label_ids = self.prepare(labels, truncate=True, check_count=False)
-            job = Job(len(ids) + len(labels), lambda rows: _zero_shot(rows, len(ids), labels),
-                      sum(map(len, ids)))
-            return job, [Item(x, "embedding", True, job, i) for i, x in enumerate(ids + label_ids)]
-        if not self.has_classifier:
-            raise EncoderError(f"model {self.model_id!r} has no classification head: pass "
-                               "candidate_labels (a list of label strings) for zero-shot "
-                               "classification, or serve a model with a sequence-classification head")
-        labels, sigmoid = self.config.id2label, _is_multi_label(self.config)
-        job = Job(len(ids), lambda rows: [_label_scores(r, labels, sigmoid) for r in rows],
-                  sum(map(len, ids)))
-        return job, [Item(x, "logits", False, job, i) for i, x in enumerate(ids)]
-
-    def prepare(self, inputs: Inputs, truncate: bool, check_count: bool = True) -> list[list[int]]:
-        """Strings or token-id lists -> token ids, each checked; raises EncoderError."""
-        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
-            inputs = [inputs]                                   # one string, or one id list
-        if not inputs:
-            raise EncoderError("inputs must not be empty")
-        limit = self.max_inputs_per_request
-        if check_count and limit is not None and len(inputs) > limit:
-            raise EncoderError(f"{len(inputs)} inputs in one request; the limit is {limit}")
-        return [self._fit(self._token_ids(x, i), i, truncate) for i, x in enumerate(inputs)]
-
-    def _token_ids(self, value: Any, index: int) -> list[int]:
-        if isinstance(value, str):
-            if not value:
-                raise EncoderError(f"input {index} is an empty string")
-            return self.tokenizer.encode(value.lower() if self.pooling.lowercase else value)
-        if not isinstance(value, (list, tuple)) or not value:
-            raise EncoderError(f"input {index} must be a non-empty string or list of token ids, "
-                               f"got {type(value).__name__}{' (empty)' if value == [] else ''}")
-        vocab = self.config.vocab_size
-        if not all(type(t) is int and 0 <= t < vocab for t in value):
-            raise EncoderError(f"input {index} has items that are not token ids in [0, {vocab})")
-        return list(value)
-
-    def _fit(self, ids: list[int], index: int, truncate: bool) -> list[int]:
-        if len(ids) <= self.max_length:
-            return ids
-        if not truncate:
-            raise InputTooLongError(f"input {index} is {len(ids)} tokens long, more than the "
-                                    f"model's maximum of {self.max_length} tokens; shorten it "
-                                    "or pass truncate=true")
-        suffix = self._suffix if ids[len(ids) - len(self._suffix):] == self._suffix else []
-        return ids[: self.max_length - len(suffix)] + suffix   # keep the closing [SEP]
-
-    # --- batches ---
-
-    @torch.inference_mode()
-    def run(self, items: Sequence[Item]) -> list[list[float]]:
-        """One packed forward; a row per item: its embedding or its logits."""
-        lens = [len(item.token_ids) for item in items]
-        seq_lens = torch.tensor(lens, device=self.device)
-        input_ids = torch.tensor(list(itertools.chain.from_iterable(i.token_ids for i in items)),
-                                 device=self.device)
-        starts = torch.repeat_interleave(seq_lens.cumsum(0) - seq_lens, seq_lens)
-        positions = torch.arange(len(input_ids), device=self.device) - starts
-        meta = build_attn_metadata(lens, lens, None, 1, device=self.device, causal=False)
-        hidden = self.model(input_ids, positions, meta)                 # (num_tokens, hidden)
-        rows: list = [None] * len(items)
-        for want in ("embedding", "logits"):
-            picked = [i for i, item in enumerate(items) if item.want == want]
-            if picked:
-                out = self._head(hidden, seq_lens, want, items)[picked]
-                for i, row in zip(picked, out.tolist()):
-                    rows[i] = row
-        return rows
-
-    def _head(self, hidden, seq_lens, want: str, items: Sequence[Item]) -> torch.Tensor:
-        if want == "logits":
-            return self.model.classify(self.model.pool(hidden, seq_lens, "cls")).float()
-        pooled = self.model.pool(hidden, seq_lens, self.pooling.mode).float()
-        flags = torch.tensor([item.normalize for item in items], device=pooled.device)
-        return torch.where(flags[:, None], torch.nn.functional.normalize(pooled, dim=-1), pooled)
-
-
-def run_batch(runner: EncoderRunner, batch: list[Item],
-              on_batch: Callable[[int, int], None] | None = None) -> None:
-    """Run a batch and hand rows to their Jobs. If it fails, its inputs are retried one by
-    one, so one bad input fails only its own request."""
-    try:
-        rows = runner.run(batch)
-    except Exception as exc:
-        if len(batch) == 1:
-            logger.exception("encoder batch failed")
-            return batch[0].job.fail(exc)
-        for item in batch:
-            run_batch(runner, [item], on_batch)
-        return
-    for item, row in zip(batch, rows, strict=True):
-        item.job.set_row(item.index, row)
-    if on_batch is not None:
-        try:
-            on_batch(len(batch), sum(len(item.token_ids) for item in batch))
-        except Exception:             # a metrics hook must not take the engine down
-            logger.exception("on_batch callback failed")
 
 
 def take_batch(queue: deque[Item], max_tokens: int, max_size: int) -> list[Item]:
@@ -420,45 +211,3 @@ class Encoder:
         while queue:
             run_batch(self.runner, take_batch(queue, self.max_batch_tokens, self.max_batch_size))
         return job.future.result().data
-
-
-def _special_suffix(tokenizer) -> list[int]:
-    """The special tokens encode() appends after the text ([SEP] for BERT)."""
-    full, bare = tokenizer.encode("a"), tokenizer.encode("a", add_special_tokens=False)
-    for start in range(len(full) - len(bare) + 1):
-        if full[start: start + len(bare)] == bare:
-            return full[start + len(bare):]
-    return []
-
-
-def _check_labels(labels: Sequence[str]) -> list[str]:
-    if isinstance(labels, str) or not labels:
-        raise EncoderError("candidate_labels must be a non-empty list of strings")
-    if not all(isinstance(label, str) and label for label in labels):
-        raise EncoderError("candidate_labels must be non-empty strings")
-    if len(set(labels)) != len(labels):
-        raise EncoderError("candidate_labels must not repeat")
-    return list(labels)
-
-
-def _zero_shot(rows: list, num_inputs: int, labels: list[str]) -> list[list[dict]]:
-    """Rows are normalized embeddings: the inputs', then the labels'."""
-    vectors = torch.tensor(rows)
-    similarity = vectors[:num_inputs] @ vectors[num_inputs:].T         # (inputs, labels) cosine
-    scores = (similarity * ZERO_SHOT_SCALE).softmax(-1)
-    return [_ranked(labels, row) for row in scores.tolist()]
-
-
-def _is_multi_label(config) -> bool:
-    # As transformers' text-classification pipeline: one label or multi-label -> sigmoid.
-    return config.problem_type == "multi_label_classification" or len(config.id2label) == 1
-
-
-def _label_scores(logits: list[float], labels: Sequence[str], sigmoid: bool) -> list[dict]:
-    values = torch.tensor(logits)
-    return _ranked(labels, (values.sigmoid() if sigmoid else values.softmax(-1)).tolist())
-
-
-def _ranked(labels: Sequence[str], scores: list[float]) -> list[dict]:
-    return sorted(({"label": label, "score": score} for label, score in zip(labels, scores)),
-                  key=lambda entry: -entry["score"])
