@@ -18,8 +18,9 @@ client that costs a tenth of the CPU per request (--client httpx,raw measures bo
 The service has no flags for the encoder's batching or its threads yet, so --batch-wait-ms,
 --max-batch-tokens, --max-batch-size and --server-threads start the server through a bootstrap
 that sets EncoderEngine's defaults and torch's thread count (benchmark-only; `python -m service`
-itself is unchanged). Each of them, --clients and --client take a comma list; every combination gets
-a server and a row.
+itself is unchanged); --omp-wait-policy sets the server's OMP_WAIT_POLICY. Each of them,
+--clients and --client take a comma list; every combination gets a row, and every combination
+of server settings its own server.
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ class ServerConfig:
     max_batch_tokens: int | None = None
     max_batch_size: int | None = None
     threads: int | None = None
+    omp_wait_policy: str | None = None    # the server's OMP_WAIT_POLICY: active | passive
 
     @property
     def encoder_knobs(self) -> dict:
@@ -83,7 +85,8 @@ class ServerConfig:
 
     @property
     def label(self) -> str:
-        knobs = [f"{k}={v}" for k, v in {**self.encoder_knobs, "threads": self.threads}.items() if v is not None]
+        knobs = {**self.encoder_knobs, "threads": self.threads, "OMP_WAIT_POLICY": self.omp_wait_policy}
+        knobs = [f"{k}={v}" for k, v in knobs.items() if v is not None]
         return f"attnserve /embed, {self.clients} {self.client} clients" + (f" ({', '.join(knobs)})" if knobs else "")
 
 
@@ -112,6 +115,8 @@ class ServerProcess:
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         if config.threads is not None:
             self.env["OMP_NUM_THREADS"] = self.env["MKL_NUM_THREADS"] = str(config.threads)
+        if config.omp_wait_policy is not None:
+            self.env["OMP_WAIT_POLICY"] = config.omp_wait_policy
         self.log_path = Path(tempfile.mkstemp(prefix="attnserve-embed-bench-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
 
@@ -286,13 +291,22 @@ def measure_server(url: str, server: ServerProcess | None, sentences: list[str],
 
 # --- sentence-transformers, statistics ---
 
-def st_encode(model, sentences: list[str], batch_size: int) -> tuple[float, np.ndarray]:
-    """sentences/s of model.encode(batch_size) and its (normalized) vectors; one warm-up call first."""
-    model.encode(sentences[: 2 * batch_size], batch_size=batch_size, show_progress_bar=False)
-    started = time.perf_counter()
-    vectors = model.encode(sentences, batch_size=batch_size, normalize_embeddings=True,
-                           convert_to_numpy=True, show_progress_bar=False)
-    return len(sentences) / (time.perf_counter() - started), vectors
+def st_encode(model, sentences: list[str], batch_size: int) -> tuple[dict[str, float], np.ndarray]:
+    """sentences/s of model.encode(batch_size=...) over all, the short and the long sentences,
+    and the normalized vectors. Short and long are two calls: encode() sorts by length anyway,
+    so together they take what one call takes, and each class gets its own rate."""
+    warm = model.encode(sentences[: 2 * batch_size], batch_size=batch_size, show_progress_bar=False)
+    vectors = np.zeros((len(sentences), warm.shape[1]), dtype=np.float32)
+    seconds = {}
+    for kind in ("short", "long"):
+        rows = [i for i, text in enumerate(sentences) if is_long(text) == (kind == "long")]
+        if rows:
+            started = time.perf_counter()
+            vectors[rows] = model.encode([sentences[i] for i in rows], batch_size=batch_size,
+                                         normalize_embeddings=True, show_progress_bar=False)
+            seconds[kind] = (len(rows), time.perf_counter() - started)
+    rates = {kind: num / elapsed for kind, (num, elapsed) in seconds.items()}
+    return {"all": len(sentences) / sum(elapsed for _, elapsed in seconds.values()), **rates}, vectors
 
 
 def cosines(a, b) -> np.ndarray:
@@ -332,7 +346,8 @@ def server_load(run: LoadResult, num_requests: int) -> dict:
 
 def configs_of(args) -> list[list[ServerConfig]]:
     """The sweep, one list per server: configurations that differ only in their clients share it."""
-    servers = itertools.product(args.batch_wait_ms, args.max_batch_tokens, args.max_batch_size, args.server_threads)
+    servers = itertools.product(args.batch_wait_ms, args.max_batch_tokens, args.max_batch_size, args.server_threads,
+                                args.omp_wait_policy)
     return [[ServerConfig(clients, client, *knobs) for clients, client in itertools.product(args.clients, args.client)]
             for knobs in servers]
 
@@ -368,17 +383,20 @@ def run_benchmark(args) -> dict:
     num_long = sum(map(is_long, sentences))
 
     st32_runs = [st_encode(model, sentences, 32) for _ in range(args.repeats)]
-    _, st32 = median_run(st32_runs, lambda run: run[0])
+    st32_index, st32 = median_run(st32_runs, lambda run: run[0]["all"])
     reference = st32_runs[0][1]
     st1_sentences = sentences[: args.st_batch1_sentences or len(sentences)]
     st1_runs = [st_encode(model, st1_sentences, 1) for _ in range(args.repeats)]
-    _, st1 = median_run(st1_runs, lambda run: run[0])
+    st1_index, st1 = median_run(st1_runs, lambda run: run[0]["all"])
     st1_vs_32 = cosines(st1_runs[0][1], reference[: len(st1_sentences)]).min()
 
     results = {"machine": machine(), "torch_threads": torch.get_num_threads(),
                "num_sentences": len(sentences), "num_long": num_long, "num_tokens": num_tokens,
                "st_batch32_sent_s": round(st32, 1), "st_batch1_sent_s": round(st1, 1),
                "st_batch1_sentences": len(st1_sentences),
+               "st_by_length_sent_s": {f"batch{b}_{kind}": round(rate, 1) for b, rates in
+                                       ((32, st32_runs[st32_index][0]), (1, st1_runs[st1_index][0]))
+                                       for kind, rate in rates.items() if kind != "all"},
                "st_batch1_vs_batch32_min_cosine": float(st1_vs_32), "targets": TARGETS, "servers": []}
     for group in configs_of(args):
         server = None
@@ -410,7 +428,9 @@ def report(results: dict) -> None:
     for row in results["servers"]:
         print(f"{row['config']['label']:<72}{row['sent_s']:>9.1f}{row['tok_s']:>8}"
               f"{row['vs_st_batch32']:>10.2f}x{row['vs_st_batch1']:>9.2f}x")
-    print(f"sentence-transformers batch 1 vs batch 32: min cosine {results['st_batch1_vs_batch32_min_cosine']:.7f}")
+    by_length = results["st_by_length_sent_s"]
+    print("sentence-transformers by length, sent/s: " + ", ".join(f"{k} {v}" for k, v in by_length.items())
+          + f"; batch 1 vs batch 32 min cosine {results['st_batch1_vs_batch32_min_cosine']:.7f}")
     for row in results["servers"]:
         lat, short, probe = row["latency_ms"], row["short_latency_ms"], row["probe_latency_ms"]
         print(f"\n{row['config']['label']}: runs {row['all_rates']} sent/s")
@@ -419,7 +439,8 @@ def report(results: dict) -> None:
         print(f"  load requests: all p50 {lat['p50']} / p99 {lat['p99']} ms; "
               f"short ones p50 {short.get('p50')} / p99 {short.get('p99')} ms")
         print(f"  server: {row.get('mean_batch_size')} inputs per encoder batch; {row.get('server_cores_busy')} "
-              f"cores busy, of which the event loop {row.get('event_loop_cores_busy')} "
+              f"cores busy ({row.get('server_cpu_ms_per_request')} ms CPU per request), of which the event loop "
+              f"{row.get('event_loop_cores_busy')} "
               f"({row.get('event_loop_cpu_ms_per_request')} ms CPU per request); client "
               f"{row['client_cores_busy']} cores busy ({row['client_cpu_ms_per_request']} ms per request)")
         ok = [row["vs_st_batch32"] >= TARGETS["vs_st_batch32"], row["vs_st_batch1"] >= TARGETS["vs_st_batch1"],
@@ -436,6 +457,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     def floats(text: str) -> list:
         return [None if part in ("", "default") else float(part) for part in text.split(",")]
 
+    def policies(text: str) -> list:
+        values = [None if part in ("", "default") else part.lower() for part in text.split(",")]
+        if not set(values) <= {None, "active", "passive"}:
+            raise argparse.ArgumentTypeError(f"OMP_WAIT_POLICY is active or passive, got {text!r}")
+        return values
+
     def clients(text: str) -> list[str]:
         kinds = text.split(",")
         if not set(kinds) <= {"httpx", "raw"}:
@@ -450,6 +477,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-tokens", type=ints, default=[None], help="EncoderEngine max_batch_tokens (list)")
     parser.add_argument("--max-batch-size", type=ints, default=[None], help="EncoderEngine max_batch_size (list)")
     parser.add_argument("--server-threads", type=ints, default=[None], help="the server's torch threads (list)")
+    parser.add_argument("--omp-wait-policy", type=policies, default=[None],
+                        help="the server's OMP_WAIT_POLICY: active, passive or default (list); passive stops "
+                             "idle OpenMP threads spinning on cores the event loop and clients need")
     parser.add_argument("--st-threads", type=int, help="torch threads for sentence-transformers (default: torch's)")
     parser.add_argument("--st-batch1-sentences", type=int, default=0,
                         help="sentences for the slow batch_size=1 leg (default: all)")
@@ -468,7 +498,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the server's --log-level (its default, info, logs a line per request)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    knobs = [args.batch_wait_ms, args.max_batch_tokens, args.max_batch_size, args.server_threads]
+    knobs = [args.batch_wait_ms, args.max_batch_tokens, args.max_batch_size, args.server_threads,
+             args.omp_wait_policy]
     if args.url and any(value != [None] for value in knobs):
         parser.error("--url measures a running server: its batching knobs cannot be set from here")
     return args

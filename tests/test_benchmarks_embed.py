@@ -42,6 +42,9 @@ def test_sweep_grid_and_url_refuses_knobs():
         embed.parse_args(["--url", "http://127.0.0.1:1", "--batch-wait-ms", "1"])
     with pytest.raises(SystemExit):
         embed.parse_args(["--client", "httpx,curl"])
+    policies = embed.configs_of(embed.parse_args(["--omp-wait-policy", "default,PASSIVE"]))
+    assert [group[0].omp_wait_policy for group in policies] == [None, "passive"]
+    assert policies[1][0].label == "attnserve /embed, 32 httpx clients (OMP_WAIT_POLICY=passive)"
 
 
 def test_small_run_against_the_real_server(tiny_llama, tmp_path, capsys):
@@ -49,12 +52,13 @@ def test_small_run_against_the_real_server(tiny_llama, tmp_path, capsys):
     out = tmp_path / "embed.json"
     embed.main(["--num-sentences", "20", "--clients", "4", "--client", "httpx,raw", "--st-batch1-sentences", "3",
                 "--warmup", "4",
-                "--batch-wait-ms", "2", "--probe-pause-ms", "5", "--json", str(out),
+                "--batch-wait-ms", "2", "--omp-wait-policy", "passive", "--probe-pause-ms", "5", "--json", str(out),
                 "--llm-args", f"--model {tiny_llama} --kv-cache-memory 16MiB --max-num-seqs 4"])
     results = json.loads(out.read_text())
     assert results["num_sentences"] == 20 and results["num_tokens"] > 20
     assert results["st_batch32_sent_s"] > 0 and results["st_batch1_sent_s"] > 0
     assert results["st_batch1_vs_batch32_min_cosine"] > 0.99999
+    assert set(results["st_by_length_sent_s"]) <= {"batch32_short", "batch32_long", "batch1_short", "batch1_long"}
     assert [row["config"]["client"] for row in results["servers"]] == ["httpx", "raw"]
     for row in results["servers"]:
         assert row["config"]["batch_wait_ms"] == 2.0 and row["config"]["clients"] == 4
@@ -65,4 +69,4 @@ def test_small_run_against_the_real_server(tiny_llama, tmp_path, capsys):
         assert row["mean_batch_size"] >= 1 and row["server_cores_busy"] > 0
         assert 0 < row["event_loop_cpu_ms_per_request"] < row["server_cpu_ms_per_request"]
     printed = capsys.readouterr().out
-    assert "attnserve /embed, 4 raw clients (batch_wait_ms=2.0)" in printed and "min cosine" in printed
+    assert "attnserve /embed, 4 raw clients (batch_wait_ms=2.0, OMP_WAIT_POLICY=passive)" in printed and "min cosine" in printed
