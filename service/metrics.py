@@ -18,10 +18,11 @@ disable_created_metrics()         # no `*_created` series: they double the expos
 # Seconds, from a cached prefill (ms) to a long generation (minutes).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
                    60.0, 120.0, 300.0, 600.0)
-# Per-token and per-step: 1 ms (a GPU decode) to seconds (a long CPU prefill chunk).
+# Per token: 1 ms (a GPU decode) to seconds (a decode behind a long prefill chunk).
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2,
                          0.3, 0.5, 1.0, 2.5, 5.0)
-STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# One step: a GPU decode (sub-ms) to a long CPU prefill chunk (seconds).
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
