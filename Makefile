@@ -38,5 +38,20 @@ test: install-test
 test-fast: install-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Locust, headless, against a server already running on HOST:PORT (`make serve`); the mix is
+# in loadtests/locustfile.py. Writes $(LOADTEST_OUT)_stats.csv (and _failures, _history) and
+# $(LOADTEST_OUT).html. Pass locust flags in LOADTEST_ARGS, e.g. "--max-new-tokens 128".
+LOADTEST_USERS ?= 16
+LOADTEST_SPAWN_RATE ?= 4
+LOADTEST_TIME ?= 60s
+LOADTEST_OUT ?= reports/loadtest
+LOADTEST_ARGS ?=
+.PHONY: loadtest
+loadtest: install-test
+	mkdir -p $(dir $(LOADTEST_OUT))
+	$(PY) -m locust -f loadtests/locustfile.py --headless -u $(LOADTEST_USERS) -r $(LOADTEST_SPAWN_RATE) \
+		-t $(LOADTEST_TIME) --host http://$(HOST):$(PORT) --only-summary \
+		--csv $(LOADTEST_OUT) --html $(LOADTEST_OUT).html $(LOADTEST_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info
