@@ -74,7 +74,8 @@ class BatchedLlama:
     def run_level(self, prompts: list[list[int]], concurrency: int, output_len: int,
                   warmup: list[int]) -> list[RequestRecord]:
         assert concurrency < self.batch_tokens, "every decoding sequence must fit one batch"
-        tokens_per_seq = max(len(p) for p in [*prompts, warmup]) + output_len + 8
+        longest = max(len(p) for p in [*prompts, warmup]) + output_len
+        tokens_per_seq = -(-longest // 256) * 256          # llama.cpp rounds each share to 256
         ctx = self.new_context(concurrency, tokens_per_seq)
         batch = L.llama_batch_init(self.batch_tokens, 0, 1)
         try:
