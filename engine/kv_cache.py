@@ -61,9 +61,13 @@ class BlockManager:
             if block is None:
                 break
             hits.append(block)
-        self.num_prefix_queries += seq.num_tokens
-        self.num_prefix_hits += len(hits) * self.block_size
         return hits
+
+    def count_prefix_lookup(self, num_tokens: int, num_hit_blocks: int) -> None:
+        """A sequence was admitted with num_hit_blocks of its num_tokens cached."""
+        if self.enable_prefix_caching:
+            self.num_prefix_queries += num_tokens
+            self.num_prefix_hits += num_hit_blocks * self.block_size
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Publish seq's full, computed blocks to the prefix cache."""

@@ -173,6 +173,7 @@ class LLMEngine:
         """Schedule, run the model once, sample; returns outputs of requests that moved."""
         started = time.monotonic()
         batch = self.scheduler.schedule()
+        self._mark_scheduled(batch, started)
         try:
             sampled = self._run(batch) if not batch.is_empty else None
         except Exception as exc:                # the forward failed: only this batch's requests fail
@@ -236,11 +237,14 @@ class LLMEngine:
             except Exception as exc:
                 logger.exception("request %s failed", request.request_id)
                 self._fail(request, f"{type(exc).__name__}: {exc}")
-        for seq in batch.seqs:
-            request = self.requests.get(seq.request_id)
-            if request is not None and request.metrics.first_scheduled_time is None:
-                request.metrics.first_scheduled_time = now
         return list(touched.values())
+
+    def _mark_scheduled(self, batch: ScheduledBatch, now: float) -> None:
+        # Queue time ends when a request is first scheduled, before its first forward.
+        for seq in batch.seqs:
+            metrics = self.requests[seq.request_id].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
 
     def _append_token(self, request: Request, seq: Sequence, sampled: SamplerOutput, row: int,
                       now: float) -> None:

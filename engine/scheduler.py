@@ -85,6 +85,7 @@ class Scheduler:
             if not self.block_manager.allocate(seq, num_new, cached, batch.blocks_to_copy):
                 break
             self.waiting.popleft()
+            self.block_manager.count_prefix_lookup(seq.num_tokens, len(cached))
             seq.status = SequenceStatus.RUNNING
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = len(cached) * self.block_manager.block_size

@@ -111,3 +111,18 @@ def test_finish_frees_blocks_and_aborting_a_waiting_sequence_is_clean():
     s.finish(waiting, SequenceStatus.FINISHED_ABORTED)
     s.finish(running, SequenceStatus.FINISHED_ABORTED)
     assert s.block_manager.num_free_blocks == 8 and not s.has_unfinished()
+
+
+def test_prefix_lookups_are_counted_once_per_admission_not_per_blocked_attempt():
+    s = make_scheduler(num_blocks=4, block_size=4, max_num_batched_tokens=64)
+    hog = make_seq(0, 12)
+    s.add(hog)
+    run_step(s)                                   # 3 of 4 blocks (4 with its next token)
+    blocked = make_seq(1, 8)
+    s.add(blocked)
+    for _ in range(3):
+        run_step(s)                               # cannot be admitted: no blocks
+    assert s.block_manager.num_prefix_queries == 12
+    s.finish(hog, SequenceStatus.FINISHED_STOPPED)
+    run_step(s)
+    assert s.block_manager.num_prefix_queries == 12 + 8
