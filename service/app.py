@@ -18,7 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from service.errors import install_handlers
 from service.schemas import (ChatCompletionChunk, Completion, NativeError, OpenAIErrorResponse,
                              StreamResponse)
-from service.middleware import ServiceMiddleware
+from service.middleware import OPEN_PATHS, ServiceMiddleware
 from service.routes import admin, native, openai
 from service.runtime import VERSION, Server
 from service.settings import Settings
@@ -76,6 +76,8 @@ _STREAMS = {"/generate_stream": (StreamResponse, NativeError, False), "/": (Stre
 def _openapi(app: FastAPI, server: Server) -> dict:
     if app.openapi_schema is None:
         _add_streams(FastAPI.openapi(app))          # (FastAPI caches it in app.openapi_schema)
+        if server.settings.api_keys:
+            _add_security(app.openapi_schema)
     if not getattr(app.state, "openapi_has_model_bounds", False) and server.status == "ready":
         _add_model_bounds(app.openapi_schema, server)
         app.state.openapi_has_model_bounds = True
@@ -112,6 +114,15 @@ def _add_model_bounds(spec: dict, server: Server) -> None:
         labels = request["properties"]["candidate_labels"]
         labels["anyOf"] = [b for b in labels["anyOf"] if b.get("type") != "null"]
         labels.pop("default", None)
+
+
+def _add_security(spec: dict) -> None:
+    """With API keys, every route but the open ones needs a bearer key (/docs' Authorize)."""
+    spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for path, operations in spec["paths"].items():
+        if path not in OPEN_PATHS:
+            for operation in operations.values():
+                operation["security"] = [{"bearer": []}]
 
 
 def _bound_integers(node, maximum: int) -> None:

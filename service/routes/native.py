@@ -46,7 +46,8 @@ def info_of(request: Request):
 
 def tgi_sampling(server: Server, p: GenerateParameters):
     """GenerateParameters -> (SamplingParams, the seed to report)."""
-    check_max_tokens(server, p.max_new_tokens, "parameters.max_new_tokens")
+    if "max_new_tokens" in p.model_fields_set:      # the default 100 is cut to the model's length
+        check_max_tokens(server, p.max_new_tokens, "parameters.max_new_tokens")
     uses_warpers = (p.temperature not in (None, 1.0) or p.top_k not in (None, 0, -1)
                     or p.top_p not in (None, 1.0) or p.min_p not in (None, 0.0))
     sample = (p.do_sample or uses_warpers) and p.temperature != 0.0

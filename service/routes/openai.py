@@ -127,7 +127,8 @@ async def completions(body: CompletionRequest, request: Request):
     server = server_of(request)
     server.require_ready()
     model = check_model(server, body.model)
-    check_max_tokens(server, body.max_tokens, "max_tokens")
+    if "max_tokens" in body.model_fields_set:       # the default 16 is cut to the model's length
+        check_max_tokens(server, body.max_tokens, "max_tokens")
     prompts = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
     params = _sampling(server, body, body.max_tokens, body.logprobs)
     gens = await admit(server, info_of(request), prompts, params)
