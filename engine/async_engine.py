@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Sequence as Seq
 
 from engine.llm_engine import LLMEngine
+from engine.model_runner import use_cpu_threads
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 
@@ -195,6 +196,7 @@ class AsyncLLMEngine:
     # -- the engine thread --------------------------------------------------------------
 
     def _loop(self) -> None:
+        use_cpu_threads(self.engine.num_threads)
         try:
             while not self._stop.is_set():
                 self._drain_inbox(block=not self.engine.has_unfinished_requests())

@@ -24,9 +24,10 @@ import torch
 
 from engine.encoder_runner import (EncoderError, EncoderOutput, EncoderRunner, EngineStoppedError,
                                    InputTooLongError, Inputs, Item, Job, QueueFullError, run_batch)
+from engine.model_runner import use_cpu_threads
 
 __all__ = ["Encoder", "EncoderEngine", "EncoderError", "EncoderOutput", "EngineStoppedError",
-           "InputTooLongError", "QueueFullError", "take_batch"]
+           "InputTooLongError", "QueueFullError", "length_buckets", "take_batch"]
 logger = logging.getLogger(__name__)
 
 
@@ -48,6 +49,18 @@ def take_batch(queue: deque[Item], max_tokens: int, max_size: int) -> list[Item]
     return batch
 
 
+def length_buckets(batch: list[Item], max_ratio: float = 2.0) -> list[list[Item]]:
+    """The batch sorted by length and cut where an input is over max_ratio times the
+    shortest of its bucket: attention pads every input to its bucket's longest, so mixing
+    8-token and 120-token inputs would waste most of its work."""
+    buckets: list[list[Item]] = []
+    for item in sorted(batch, key=lambda item: len(item.token_ids)):
+        if not buckets or len(item.token_ids) > max_ratio * len(buckets[-1][0].token_ids):
+            buckets.append([])
+        buckets[-1].append(item)
+    return buckets
+
+
 class EncoderEngine:
     """Dynamic batching on a worker thread that owns the model; thread-safe submits.
 
@@ -59,7 +72,7 @@ class EncoderEngine:
     def __init__(self, model: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  max_batch_tokens: int = 16384, max_batch_size: int = 128,
                  batch_wait_ms: float = 2.0, max_queue: int = 4096,
-                 max_inputs_per_request: int = 2048,
+                 max_inputs_per_request: int = 2048, num_threads: int | None = None,
                  on_batch: Callable[[int, int], None] | None = None):
         if min(max_batch_tokens, max_batch_size, max_queue, max_inputs_per_request) < 1 or batch_wait_ms < 0:
             raise ValueError("batch limits must be >= 1 and batch_wait_ms >= 0")
@@ -70,6 +83,7 @@ class EncoderEngine:
                                     max_inputs_per_request=max_inputs_per_request)
         self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
         self.batch_wait_s, self.max_queue, self.on_batch = batch_wait_ms / 1000, max_queue, on_batch
+        self.num_threads = num_threads
         self._queue: deque[Item] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -142,13 +156,15 @@ class EncoderEngine:
     # --- the worker ---
 
     def _loop(self) -> None:
+        use_cpu_threads(self.num_threads)
         while (batch := self._next_batch()) is not None:
-            try:
-                run_batch(self.runner, batch, self.on_batch)
-            except Exception as exc:      # our bug: answer this batch, keep serving the rest
-                logger.exception("encoder worker failed on a batch")
-                for item in batch:
-                    item.job.fail(exc)
+            for bucket in length_buckets(batch):
+                try:
+                    run_batch(self.runner, bucket, self.on_batch)
+                except Exception as exc:  # our bug: answer this batch, keep serving the rest
+                    logger.exception("encoder worker failed on a batch")
+                    for item in bucket:
+                        item.job.fail(exc)
             self.last_progress = time.monotonic()
 
     def _next_batch(self) -> list[Item] | None:

@@ -9,10 +9,10 @@ from typing import Callable, Sequence as Seq
 
 import torch
 
-from engine.config import EngineConfig, default_num_threads
+from engine.config import EngineConfig
 from engine.kv_cache import BlockManager
 from engine.loader import build_model, load_tokenizer, open_checkpoint
-from engine.model_runner import ModelRunner, resolve_device, resolve_dtype
+from engine.model_runner import ModelRunner, resolve_device, resolve_dtype, use_cpu_threads
 from engine.outputs import CompletionState, RequestMetrics, RequestOutput
 from engine.sampling import SampleRequest, Sampler, SamplerOutput, SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
@@ -61,7 +61,7 @@ class EngineCounters:
 class LLMEngine:
     def __init__(self, model: str, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
-        torch.set_num_threads(self.config.num_threads or default_num_threads())
+        self.num_threads = use_cpu_threads(self.config.num_threads)
         self.checkpoint = open_checkpoint(model)
         self.model_config = self.checkpoint.config
         if not self.model_config.is_causal:

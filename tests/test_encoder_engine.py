@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from engine.encoder_engine import (Encoder, EncoderEngine, EncoderError, EngineStoppedError,
+from engine.encoder_engine import (Encoder, EncoderEngine, EncoderError, EngineStoppedError, length_buckets,
                                    InputTooLongError, QueueFullError)
 from engine.loader import resolve_model_path
 
@@ -290,3 +290,11 @@ def test_minilm_matches_sentence_transformers(encoder):
     expected = torch.tensor(st.encode(CORPUS, batch_size=4))
     ours = torch.tensor(encoder.embed(CORPUS, truncate=True))
     assert (ours * expected).sum(-1).min() > 0.99999
+
+
+def test_length_buckets_keep_short_inputs_out_of_long_inputs_padding():
+    from engine.encoder_runner import Item
+    items = [Item([1] * n, "embedding", True, None, i) for i, n in enumerate([120, 8, 9, 60, 16, 17, 250])]
+    buckets = length_buckets(items)
+    assert [[len(i.token_ids) for i in b] for b in buckets] == [[8, 9, 16], [17], [60, 120], [250]]
+    assert sorted(i.index for b in buckets for i in b) == list(range(7))
