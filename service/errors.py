@@ -25,7 +25,9 @@ _KINDS = {
     401: ("unauthorized", "authentication_error"),
     404: ("validation", "not_found_error"),
     405: ("validation", "invalid_request_error"),
+    408: ("validation", "invalid_request_error"),
     413: ("validation", "invalid_request_error"),
+    415: ("validation", "invalid_request_error"),
     422: ("validation", "invalid_request_error"),
     429: ("overloaded", "rate_limit_error"),
     500: ("generation", "server_error"),
@@ -111,10 +113,12 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
-            # FastAPI answers 400 for a body that is not UTF-8; to us that is a malformed body
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI answers 400 for a body it could not parse (not UTF-8, nested too deeply
+            # for the JSON parser, a number of more than 4300 digits); to us, a malformed body
             return error_response(request.url.path, APIError(
-                422, "body: the body is not valid JSON (or not UTF-8)", param="body", code="invalid_json"))
+                422, "body: the body is not valid JSON (or not UTF-8, or nested too deeply, or has a number "
+                "too long to read)", param="body", code="invalid_json"))
         message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on "
                    f"{request.url.path}"}.get(exc.status_code, str(exc.detail))
         return error_response(request.url.path, APIError(exc.status_code, message, headers=exc.headers))
@@ -129,8 +133,11 @@ def install_handlers(app: FastAPI) -> None:
 def openapi_errors(*statuses: int, openai: bool = False) -> dict[int | str, dict[str, Any]]:
     from service.schemas import NativeError, OpenAIErrorResponse
     descriptions = {400: "prompt longer than the model allows", 401: "missing or wrong API key",
-                    404: "unknown model", 413: "body too large", 422: "invalid field",
+                    404: "unknown model", 408: "the body did not arrive in time (--read-timeout)",
+                    413: "body too large", 415: "the body is not sent as JSON", 422: "invalid field",
                     429: "queue full (see Retry-After)", 500: "generation failed",
                     503: "loading or draining"}
+    if 422 in statuses:                       # a route with a body: it may come late, or not as JSON
+        statuses = tuple(sorted({*statuses, 408, 415}))
     model = OpenAIErrorResponse if openai else NativeError
     return {s: {"model": model, "description": descriptions[s]} for s in statuses}

@@ -1,10 +1,14 @@
 """The one ASGI middleware every request passes: request id, API keys, draining, the body
-limit, a log line and the request metrics. Pure ASGI, so streams pass through untouched.
+limit and deadline, a log line and the request metrics. Pure ASGI, so streams pass through
+untouched.
 
-Order: X-Request-Id -> 401 (bad key) -> 503 (draining) -> 413 (body too large) -> the app.
+Order: X-Request-Id -> 401 (bad key) -> 503 (draining) -> 413 (body too large) -> 415 (body
+not JSON) -> the app, which gets 413 / 408 while reading a body that grows too large or stops
+arriving (a chunked body has no Content-Length; a slow client must not hold a request forever).
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -23,6 +27,9 @@ logger = logging.getLogger("service")
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})   # no key needed, served while draining
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# What `curl -d` and a plain fetch() send for a JSON body: read as JSON. Any other type that
+# is not JSON (multipart, XML, images, ...) is a 415.
+_READ_AS_JSON = frozenset({"", "application/x-www-form-urlencoded", "text/plain"})
 
 
 class ServiceMiddleware:
@@ -41,7 +48,7 @@ class ServiceMiddleware:
         info = RequestInfo(request_id=given_id if _REQUEST_ID.match(given_id) else uuid.uuid4().hex,
                            route=path if path in self.routes else "other")
         scope["attnserve.info"] = info
-        if scope["method"] == "POST" and not _is_json(headers.get("content-type")):
+        if scope["method"] == "POST" and _media_type(headers) in _READ_AS_JSON:
             _treat_body_as_json(scope)          # `curl -d '{...}'` sends form-urlencoded
 
         async def send_with_id(message: Message) -> None:
@@ -51,11 +58,11 @@ class ServiceMiddleware:
             await send(message)
 
         try:
-            rejection = self._reject(path, headers)
+            rejection = self._reject(scope["method"], path, headers)
             if rejection is not None:
                 await error_response(path, rejection)(scope, receive, send_with_id)
             else:
-                await self.app(scope, self._limit_body(receive), send_with_id)
+                await self.app(scope, self._limit_body(receive, started), send_with_id)
         except Exception:
             logger.exception("unhandled error on %s %s", scope["method"], path)
             if info.status == 0:
@@ -64,7 +71,7 @@ class ServiceMiddleware:
         finally:
             self._record(scope, info, time.perf_counter() - started)
 
-    def _reject(self, path: str, headers: Headers) -> APIError | None:
+    def _reject(self, method: str, path: str, headers: Headers) -> APIError | None:
         if self.keys and path not in OPEN_PATHS and not self._authorized(headers.get("authorization", "")):
             return APIError(401, "missing or invalid API key: send Authorization: Bearer <key>",
                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
@@ -75,6 +82,10 @@ class ServiceMiddleware:
         length = headers.get("content-length", "")
         if limit and length.isdigit() and int(length) > limit:
             return APIError(413, f"the body has {length} bytes; the limit is {limit}")
+        media_type = _media_type(headers)
+        if method == "POST" and media_type not in _READ_AS_JSON and not _is_json(media_type):
+            return APIError(415, f"Content-Type {media_type!r} is not supported: send the body as "
+                            "application/json", param="body", code="unsupported_media_type")
         return None
 
     def _authorized(self, header: str) -> bool:
@@ -85,19 +96,29 @@ class ServiceMiddleware:
             ok |= hmac.compare_digest(given, key)
         return ok and scheme.lower() == "bearer"
 
-    def _limit_body(self, receive: Receive) -> Receive:
-        limit = self.server.settings.max_body_bytes
-        if not limit:
-            return receive
-        seen = 0
+    def _limit_body(self, receive: Receive, started: float) -> Receive:
+        """`receive`, with 413 once the body outgrows the limit and 408 when it has not all
+        arrived --read-timeout seconds after the headers; the connection is then closed."""
+        limit, timeout = self.server.settings.max_body_bytes, self.server.settings.read_timeout
+        seen, complete = 0, False
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete or not timeout:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), started + timeout - time.perf_counter())
+                except TimeoutError:
+                    raise HTTPException(408, f"the body did not arrive within {timeout:g} s",
+                                        headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > limit:                # chunked bodies have no Content-Length
+                complete = not message.get("more_body", False)
+                if limit and seen > limit:      # chunked bodies have no Content-Length
                     raise HTTPException(413, f"the body is over the limit of {limit} bytes")
+            else:
+                complete = True                 # http.disconnect: nothing more will come
             return message
         return limited
 
@@ -114,8 +135,12 @@ class ServiceMiddleware:
                         info.completion_tokens, info.request_id, prompt)
 
 
-def _is_json(content_type: str | None) -> bool:
-    return content_type is not None and ("json" in content_type.lower() or "multipart" in content_type.lower())
+def _media_type(headers: Headers) -> str:
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _is_json(media_type: str) -> bool:
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
 
 
 def _treat_body_as_json(scope: Scope) -> None:

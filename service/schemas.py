@@ -7,6 +7,7 @@ Bounds that depend on the model (max_tokens <= max_model_len) are checked in the
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -48,8 +49,30 @@ NonEmptyText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 
 
 class Strict(BaseModel):
-    """A request body: unknown fields and coerced types (\"1\" for 1, 0 for false) are errors."""
+    """A request body: unknown fields and coerced types (\"1\" for 1, 0 for false) are errors,
+    and so is text that is not Unicode."""
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*")
+    @classmethod
+    def _unicode(cls, value: Any) -> Any:
+        # JSON may escape a lone surrogate ("\ud800"); no tokenizer or UTF-8 encoder takes it.
+        # (Nested request models check their own fields: the error names the innermost one.)
+        pending = [value]
+        while pending:                       # (iterative: JSON nests up to ~1000 levels)
+            item = pending.pop()
+            if isinstance(item, str):
+                if _SURROGATE.search(item):
+                    raise ValueError("the text is not valid Unicode (it holds a lone surrogate)")
+            elif isinstance(item, list):
+                pending += item
+            elif isinstance(item, dict):
+                pending += item.keys()
+                pending += item.values()
+        return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _neutral(value: Any, neutral: tuple, what: str) -> Any:

@@ -27,6 +27,8 @@ _HELP = {
     "drain_timeout": "seconds SIGTERM lets running requests finish before aborting them",
     "log_prompts": "log prompt text (off: only sizes are logged)",
     "max_body_bytes": "largest request body accepted (413 beyond; 0 = no limit)",
+    "read_timeout": "seconds a client has to send a request's headers, and then its body "
+                    "(the connection is closed, after a 408 for a late body; 0 = no limit)",
     "cors_origins": "origins allowed by CORS (comma list; off by default)",
 }
 
@@ -54,6 +56,7 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_prompts: bool = False
     max_body_bytes: int = Field(4 * 2**20, ge=0)
+    read_timeout: float = Field(60.0, ge=0)
     cors_origins: Annotated[list[str], NoDecode] = []
 
     @field_validator("embedding_model", "classifier_model", mode="before")
