@@ -15,6 +15,11 @@ import torch
 
 _MAX_SEED = 2**64 - 1
 _MAX_TOP_LOGPROBS = 20
+# Below this a temperature acts greedy: dividing logits by it would overflow float32.
+_MIN_TEMPERATURE = 1e-5
+# A smaller repetition penalty is clamped to it: its reward for seen tokens already
+# dominates, and 1 / a float32 zero would make it infinite.
+_MIN_REPETITION_PENALTY = 1e-30
 
 
 @dataclass(slots=True)
@@ -61,7 +66,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < _MIN_TEMPERATURE
 
     @property
     def uses_penalties(self) -> bool:
@@ -124,8 +129,8 @@ class Sampler:
         if all(r.params.is_greedy or not r.params.uses_filters for r in requests) and \
                 all(r.params.is_greedy or r.params.temperature == 1.0 for r in requests):
             return logits                                               # nothing left to do
-        temperatures = torch.tensor([r.params.temperature or 1.0 for r in requests],
-                                    device=logits.device)
+        temperatures = torch.tensor([1.0 if r.params.is_greedy else r.params.temperature
+                                     for r in requests], device=logits.device)
         logits = logits / temperatures[:, None]
         if any(r.params.top_k > 0 for r in requests):
             logits = apply_top_k(logits, [r.params.top_k for r in requests])
@@ -179,7 +184,8 @@ def apply_penalties(logits: torch.Tensor, requests: Seq[SampleRequest]) -> torch
         output_counts[i].index_add_(0, out_ids, torch.ones(len(out_ids), device=device))
         seen[i, torch.tensor(list(r.prompt_token_ids), dtype=torch.long, device=device)] = True
     seen |= output_counts > 0
-    rep = torch.tensor([r.params.repetition_penalty for r in requests], device=device)[:, None]
+    rep = torch.tensor([max(r.params.repetition_penalty, _MIN_REPETITION_PENALTY) for r in requests],
+                       device=device)[:, None]
     freq = torch.tensor([r.params.frequency_penalty for r in requests], device=device)[:, None]
     pres = torch.tensor([r.params.presence_penalty for r in requests], device=device)[:, None]
     penalized = torch.where(logits > 0, logits / rep, logits * rep)

@@ -135,3 +135,13 @@ def test_non_finite_rows_are_reported_not_sampled(logits):
 def test_invalid_values_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_extreme_but_valid_values_stay_finite(logits):
+    out = Sampler()(logits[:2], [request(temperature=1e-40), request(repetition_penalty=1e-300, temperature=0)])
+    assert out.token_ids[0] == int(logits[0].argmax())               # a tiny temperature is greedy
+    seen = [1, 2, 3, 4]                                                # prompt + output of request()
+    positive_seen = [t for t in seen if logits[1, t] > 0]
+    if positive_seen:                                                  # the reward dominates, finitely
+        assert out.token_ids[1] == max(positive_seen, key=lambda t: logits[1, t])
+    assert out.failed_rows == []
