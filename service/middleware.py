@@ -107,8 +107,9 @@ class ServiceMiddleware:
             if complete or not timeout:
                 message = await receive()
             else:
-                try:
-                    message = await asyncio.wait_for(receive(), started + timeout - time.perf_counter())
+                try:                            # (a body already there is taken even when late)
+                    left = max(started + timeout - time.perf_counter(), 0.05)
+                    message = await asyncio.wait_for(receive(), left)
                 except TimeoutError:
                     raise HTTPException(408, f"the body did not arrive within {timeout:g} s",
                                         headers={"Connection": "close"}) from None
