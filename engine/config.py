@@ -189,7 +189,7 @@ class EngineConfig:
     device: str = "auto"                 # "auto" | "cpu" | "cuda"
     dtype: str = "auto"                  # "auto" | "float32" | "bfloat16" | "float16"
     block_size: int = 16                 # tokens per KV block
-    kv_cache_memory: int | None = None   # bytes for the KV pool; None: decided by device
+    kv_cache_memory: int | str | None = None   # bytes ("2GiB" too) for the KV pool; None: by device
     num_kv_blocks: int | None = None     # overrides kv_cache_memory when set (tests)
     max_num_seqs: int = 64               # sequences per step
     max_num_batched_tokens: int = 512    # tokens per step (decode + prefill chunks)
@@ -197,9 +197,14 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False          # CUDA: never replay decode steps from CUDA graphs
     num_threads: int | None = None       # torch intra-op threads on CPU; None: all cores
+    quantization: str | None = None      # None | "int8": int8 weights, CPU (engine/quantization.py)
     seed: int = 0
 
     def __post_init__(self):
+        if isinstance(self.kv_cache_memory, str):
+            object.__setattr__(self, "kv_cache_memory", parse_bytes(self.kv_cache_memory))
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization must be None or int8, got {self.quantization!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

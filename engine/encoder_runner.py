@@ -105,6 +105,7 @@ class EncoderRunner:
             raise UnsupportedModelError(f"{model}: an encoder needs a BERT-family checkpoint, "
                                         f"got {checkpoint.config.model_type!r}")
         self.model_id, self.config, self.device = str(model), checkpoint.config, torch.device(device)
+        self.dtype = dtype
         self.pooling = read_pooling_config(checkpoint.path)
         self.model = build_model(checkpoint, dtype, self.device)
         self.tokenizer = load_tokenizer(checkpoint)

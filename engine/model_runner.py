@@ -42,11 +42,14 @@ def use_cpu_threads(num_threads: int | None) -> int:
     return num_threads
 
 
-def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None,
+                  quantization: str | None = None) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cpu":
-        return torch.float32            # the fast CPU dtype without AVX-512 bf16 kernels
+        # fp32: exact and batch-invariant, and the fast dtype without native bf16;
+        # int8 weights multiply bf16 activations.
+        return torch.bfloat16 if quantization == "int8" else torch.float32
     return torch.float16 if checkpoint_dtype == "float16" else torch.bfloat16
 
 

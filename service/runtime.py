@@ -47,11 +47,11 @@ class Server:
         self.on_fatal = on_fatal
         self.llm = None                  # AsyncLLMEngine
         self.encoders: dict[str, Any] = {}   # "embed" / "classify" -> EncoderEngine
-        self.model_id = settings.model
+        self.model_id = settings.model or settings.embedding_model or settings.classifier_model
         self.num_admitting = 0           # past the queue check, not yet in the engine
         self.started_at = int(time.time())
         self._drained: asyncio.Task | None = None
-        self.metrics.set_build(VERSION, settings.model, settings.device, settings.dtype)
+        self.metrics.set_build(VERSION, self.model_id, settings.device, settings.dtype)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -71,15 +71,14 @@ class Server:
 
     def _load(self) -> None:
         from engine.async_engine import AsyncLLMEngine
-        from engine.config import EngineConfig
         from engine.llm_engine import LLMEngine
         s = self.settings
+        self._load_encoders()
+        if s.model is None:                    # an encoder-only server, like TEI
+            self._watch_encoders()
+            return
         started = time.monotonic()
-        engine = LLMEngine(s.model, EngineConfig(
-            device=s.device, dtype=s.dtype, block_size=s.block_size,
-            kv_cache_memory=s.kv_cache_memory, max_num_seqs=s.max_num_seqs,
-            max_num_batched_tokens=s.max_num_batched_tokens, max_model_len=s.max_model_len,
-            enable_prefix_caching=s.enable_prefix_caching))
+        engine = LLMEngine(s.model, s.engine_config())
         _warm_up(engine)
         self._watch(engine)
         logger.info("loaded %s on %s (%s) in %.1fs: max_model_len %d, %d KV blocks", s.model,
@@ -87,7 +86,6 @@ class Server:
                     time.monotonic() - started, engine.max_model_len, engine.block_manager.num_blocks)
         self.llm = AsyncLLMEngine(engine)
         self.llm.start()
-        self._load_encoders()
 
     def _load_encoders(self) -> None:
         """The embedding and classifier models; one engine when both name the same model."""
@@ -102,7 +100,9 @@ class Server:
                 continue
             if model not in by_model:
                 started = time.monotonic()
-                encoder = EncoderEngine(model, device=str(device), dtype=dtype)
+                encoder = EncoderEngine(model, device=str(device), dtype=dtype,
+                                        max_batch_tokens=s.max_batch_tokens,
+                                        max_batch_size=s.max_batch_size, batch_wait_ms=s.batch_wait_ms)
                 encoder.start()
                 encoder.submit_embed(["warm up"]).result()          # one real forward
                 encoder.on_batch = self.metrics.observe_embed_batch
@@ -111,6 +111,14 @@ class Server:
                             time.monotonic() - started, encoder.runner.max_length,
                             encoder.runner.config.hidden_size)
             self.encoders[task] = by_model[model]
+
+    def _watch_encoders(self) -> None:
+        """With no generation model, engine_alive follows the encoders; the id is the embedder's."""
+        encoders = list(self.encoders.values())
+        self.model_id = self.encoder_ids().get("embed") or self.encoder_ids().get("classify")
+        self.metrics.set_build(VERSION, self.model_id, self.settings.device, self.settings.dtype)
+        self.metrics.bind_engine(lambda: 0, lambda: 0, lambda: 0.0,
+                                 lambda: all(encoder.is_alive for encoder in encoders))
 
     def _watch(self, engine) -> None:
         metrics, blocks = self.metrics, engine.block_manager
@@ -154,12 +162,19 @@ class Server:
     # -- admission ----------------------------------------------------------------------------
 
     def require_ready(self) -> None:
-        if self.status == "ready" and self.llm is not None:
+        if self.status == "ready":
             return
         raise APIError(503, {
             "loading": "the model is still loading; retry shortly",
             "failed": f"the model failed to load: {self.error}",
         }.get(self.status, "the server is shutting down"), headers={"Retry-After": "1"})
+
+    def require_generator(self) -> None:
+        """Ready, and serving a generation model (an encoder-only server has none)."""
+        self.require_ready()
+        if self.llm is None:
+            raise APIError(404, "this server serves no generation model (start it with --model)",
+                           param="model", code="model_not_found")
 
     def encoder_ids(self) -> dict[str, str]:
         """task ("embed" / "classify") -> the id of the model serving it, once loaded."""

@@ -9,16 +9,17 @@ import argparse
 import os
 from typing import Annotated, Any, Literal, Sequence
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from engine.config import parse_bytes
+from engine.config import EngineConfig, parse_bytes
 
 ENV_PREFIX = "ATTNSERVE_"
 _NO_MODEL = ("", "none", "null", "off")
 
 _HELP = {
-    "model": "generation model: a default name, an HF checkpoint dir or a .gguf file",
+    "model": "generation model: a default name, an HF checkpoint dir or a .gguf file "
+             "('none' serves encoders only, like TEI)",
     "embedding_model": "encoder for /embed and /v1/embeddings ('none' serves no encoder)",
     "classifier_model": "encoder for /classify (unset: the embedding model)",
     "api_keys": "accepted bearer key (repeatable); none configured means no auth",
@@ -30,6 +31,10 @@ _HELP = {
     "read_timeout": "seconds a client has to send a request's headers, and then its body "
                     "(the connection is closed, after a 408 for a late body; 0 = no limit)",
     "cors_origins": "origins allowed by CORS (comma list; off by default)",
+    "quantization": "int8: int8 weights, bf16 activations (CPUs with AVX-512 BF16; see BENCHMARKS.md)",
+    "max_batch_tokens": "encoder: most tokens (padding included) in one batch",
+    "max_batch_size": "encoder: most inputs in one batch",
+    "batch_wait_ms": "encoder: longest an input waits for others to fill its batch",
 }
 
 
@@ -37,7 +42,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True,
                                       protected_namespaces=())
 
-    model: str = "smollm2-135m-instruct"
+    model: str | None = "smollm2-135m-instruct"
     embedding_model: str | None = "all-minilm-l6-v2"
     classifier_model: str | None = None
     host: str = "127.0.0.1"
@@ -45,6 +50,7 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = []
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["int8"] | None = None
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(512, ge=1)
     block_size: int = Field(16, ge=1)
@@ -58,8 +64,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 2**20, ge=0)
     read_timeout: float = Field(60.0, ge=0)
     cors_origins: Annotated[list[str], NoDecode] = []
+    max_batch_tokens: int = Field(16384, ge=1)
+    max_batch_size: int = Field(128, ge=1)
+    batch_wait_ms: float = Field(2.0, ge=0)
 
-    @field_validator("embedding_model", "classifier_model", mode="before")
+    @field_validator("model", "embedding_model", "classifier_model", "quantization", mode="before")
     @classmethod
     def _none_means_off(cls, value: Any) -> Any:
         return None if isinstance(value, str) and value.strip().lower() in _NO_MODEL else value
@@ -92,6 +101,20 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _serves_something(self) -> "Settings":
+        if self.model is None and self.embedding_model is None and self.classifier_model is None:
+            raise ValueError("no model to serve: --model, --embedding-model and --classifier-model are all none")
+        return self
+
+    def engine_config(self) -> EngineConfig:
+        """The generation engine these flags describe."""
+        return EngineConfig(
+            device=self.device, dtype=self.dtype, block_size=self.block_size,
+            kv_cache_memory=self.kv_cache_memory, max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
+            enable_prefix_caching=self.enable_prefix_caching, quantization=self.quantization)
 
     def __repr__(self) -> str:                # keys never reach logs
         shown = {k: ("***" if k == "api_keys" and v else v) for k, v in self.model_dump().items()}

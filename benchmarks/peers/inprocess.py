@@ -13,7 +13,6 @@ import time
 
 from benchmarks.peers.clients import RequestRecord, closed_loop, read_spec, write_results
 from engine.async_engine import AsyncLLMEngine
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 
@@ -22,11 +21,7 @@ def build_engine(model: str, server_args: list[str]) -> AsyncLLMEngine:
     """The engine `python -m service --model model *server_args` would build."""
     from service.settings import load_settings
     s = load_settings(["--model", model, *server_args])
-    engine = LLMEngine(s.model, EngineConfig(
-        device=s.device, dtype=s.dtype, block_size=s.block_size,
-        kv_cache_memory=s.kv_cache_memory, max_num_seqs=s.max_num_seqs,
-        max_num_batched_tokens=s.max_num_batched_tokens, max_model_len=s.max_model_len,
-        enable_prefix_caching=s.enable_prefix_caching))
+    engine = LLMEngine(s.model, s.engine_config())
     async_engine = AsyncLLMEngine(engine)
     async_engine.start()
     return async_engine

@@ -114,7 +114,8 @@ def padded_attention(q, k_source, v_source, group: AttnGroup, scale: float) -> t
     keys = gather_blocks(k_source, group.key_blocks)       # (kv_heads, b, max_k, head_dim)
     values = gather_blocks(v_source, group.key_blocks)
     mask = group.mask.transpose(0, 1)                       # (1, b, max_q, max_k)
-    mask = mask if per_kv == 1 else mask.repeat(1, 1, per_kv, 1)
+    if per_kv > 1 and max_q > 1:                           # one query row broadcasts as it is
+        mask = mask.repeat(1, 1, per_kv, 1)
 
     out = F.scaled_dot_product_attention(padded_q, keys, values, attn_mask=mask, scale=scale)
     out = (out.view(num_kv_heads, b, per_kv, max_q, head_dim)

@@ -96,8 +96,13 @@ class GPT2LMHeadModel(nn.Module):
         return self.transformer(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.transformer.wte if self.lm_head is None else self.lm_head
-        return F.linear(hidden, head.weight)
+        """(num_rows, hidden) -> (num_rows, vocab); a tied head reads the embedding matrix."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return F.linear(hidden, self.transformer.wte.weight)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
 
     def checkpoint_name(self, name: str) -> str | None:
         if name.endswith(self._ignored_suffixes):

@@ -106,8 +106,13 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, head.weight)                           # (num_rows, vocab)
+        """(num_rows, hidden) -> (num_rows, vocab); a tied head reads the embedding matrix."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return F.linear(hidden, self.model.embed_tokens.weight)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
 
     def checkpoint_name(self, name: str) -> str | None:
         """Our parameter name for a checkpoint tensor; None for tensors we do not load."""
