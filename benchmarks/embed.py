@@ -15,10 +15,10 @@ vector is compared with sentence-transformers' batch-32 vector (cosine). The cli
 this process, on the same cores as the server: --client raw swaps httpx for a minimal HTTP/1.1
 client that costs a tenth of the CPU per request (--client httpx,raw measures both).
 
-The service has no flags for the encoder's batching or its threads yet, so --batch-wait-ms,
---max-batch-tokens, --max-batch-size and --server-threads start the server through a bootstrap
-that sets EncoderEngine's defaults and torch's thread count (benchmark-only; `python -m service`
-itself is unchanged); --omp-wait-policy sets the server's OMP_WAIT_POLICY. Each of them,
+The server is embeddings-only (`--model none`); --batch-wait-ms, --max-batch-tokens and
+--max-batch-size are its flags of the same names; --server-threads starts it through a bootstrap
+that sets the encoder's torch threads (benchmark-only: the service has no flag for it);
+--omp-wait-policy sets the server's OMP_WAIT_POLICY. Each of them,
 --clients and --client take a comma list; every combination gets a row, and every combination
 of server settings its own server.
 """
@@ -50,17 +50,11 @@ from benchmarks.sentences import is_long, mixed_sentences, short_sentences  # no
 
 EMBEDDING_MODEL = "all-minilm-l6-v2"
 TARGETS = {"vs_st_batch32": 0.9, "vs_st_batch1": 3.0, "min_cosine": 0.99999}
-# Sets EncoderEngine's keyword defaults and the torch threads, then runs `python -m service`.
-# (LLMEngine sets torch's threads to every core from its loader thread; the encoder's own
-# thread takes its OpenMP team size from OMP_NUM_THREADS, set alongside.)
-_BOOTSTRAP = """import json, os, sys
-import engine.llm_engine
+# --server-threads: sets the encoder's torch threads, then runs `python -m service` (the
+# service has no flag for it; its encoder thread takes every core by default).
+_BOOTSTRAP = """import os, sys
 from engine.encoder_engine import EncoderEngine
-knobs = json.loads(os.environ["ATTNSERVE_BENCH_ENCODER"])
-threads = knobs.pop("threads", None)
-if threads:
-    engine.llm_engine.default_num_threads = lambda: threads
-EncoderEngine.__init__.__kwdefaults__.update(knobs)
+EncoderEngine.__init__.__kwdefaults__["num_threads"] = int(os.environ["ATTNSERVE_BENCH_THREADS"])
 from service.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -107,13 +101,15 @@ class ServerProcess:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        knobs = [arg for name, value in config.encoder_knobs.items()
+                 for arg in ("--" + name.replace("_", "-"), str(value))]
         args = ["--host", "127.0.0.1", "--port", str(self.port), "--embedding-model", EMBEDDING_MODEL,
-                "--log-level", log_level, *llm_args, *extra_args]
-        knobs = {**config.encoder_knobs, **({"threads": config.threads} if config.threads else {})}
-        self.command = [sys.executable, *(["-c", _BOOTSTRAP] if knobs else ["-m", "service"]), *args]
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "ATTNSERVE_BENCH_ENCODER": json.dumps(knobs),
+                "--log-level", log_level, *llm_args, *knobs, *extra_args]
+        self.command = [sys.executable, *(["-c", _BOOTSTRAP] if config.threads else ["-m", "service"]), *args]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         if config.threads is not None:
+            self.env["ATTNSERVE_BENCH_THREADS"] = str(config.threads)
             self.env["OMP_NUM_THREADS"] = self.env["MKL_NUM_THREADS"] = str(config.threads)
         if config.omp_wait_policy is not None:
             self.env["OMP_WAIT_POLICY"] = config.omp_wait_policy
@@ -490,8 +486,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="httpx (httpx.AsyncClient) and/or raw (a minimal asyncio HTTP/1.1 client, a tenth "
                              "of the client CPU): a comma list")
     parser.add_argument("--url", help="measure this running server instead of starting one")
-    parser.add_argument("--llm-args", default="--model smollm2-135m-instruct --kv-cache-memory 16MiB --max-num-seqs 4",
-                        help="the server's generation-model flags (it always loads one)")
+    parser.add_argument("--llm-args", default="--model none",
+                        help="the server's generation-model flags (default: none, an embeddings-only server)")
     parser.add_argument("--server-arg", action="append", default=[], metavar="=--FLAG=VALUE",
                         help="another flag for the server (repeatable; write --server-arg=--x=y)")
     parser.add_argument("--server-log-level", default="info",

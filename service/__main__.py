@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         settings: Settings = load_settings(argv)
     except ValidationError as exc:
         for error in exc.errors():
-            print(f"python -m service: {'.'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)
+            print(f"python -m service: {'.'.join(map(str, error['loc'])) or 'settings'}: {error['msg']}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
     steady_malloc()

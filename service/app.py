@@ -87,12 +87,14 @@ def _openapi(app: FastAPI, server: Server) -> dict:
 def _add_model_bounds(spec: dict, server: Server) -> None:
     """The bounds that depend on the loaded models: max tokens, embedding dimensions."""
     components = spec["components"]["schemas"]
-    bounds = [("GenerateParameters", "max_new_tokens", None, server.max_model_len),
-              ("CompletionRequest", "max_tokens", None, server.max_model_len),
-              ("ChatCompletionRequest", "max_tokens", None, server.max_model_len),
-              ("ChatCompletionRequest", "max_completion_tokens", None, server.max_model_len)]
-    vocab = server.engine.model_config.vocab_size
-    token_ids = [("CompletionRequest", "prompt", vocab), ("DetokenizeRequest", "inputs", vocab)]
+    bounds, token_ids = [], []
+    if server.llm is not None:
+        bounds = [("GenerateParameters", "max_new_tokens", None, server.max_model_len),
+                  ("CompletionRequest", "max_tokens", None, server.max_model_len),
+                  ("ChatCompletionRequest", "max_tokens", None, server.max_model_len),
+                  ("ChatCompletionRequest", "max_completion_tokens", None, server.max_model_len)]
+        vocab = server.engine.model_config.vocab_size
+        token_ids = [("CompletionRequest", "prompt", vocab), ("DetokenizeRequest", "inputs", vocab)]
     if "embed" in server.encoders:
         runner = server.encoders["embed"].runner
         bounds.append(("EmbeddingRequest", "dimensions", runner.config.hidden_size, runner.config.hidden_size))

@@ -130,7 +130,7 @@ async def admit(server: Server, info: RequestInfo, prompts: Sequence[str | list[
                 add_special_tokens: bool = True) -> list[Generation]:
     """Queue one engine request per prompt; every rejection raises before anything runs."""
     arrival = info.arrival                    # when the request reached the server
-    server.require_ready()
+    server.require_generator()
     llm, limit = server.llm, server.settings.max_queue
     waiting = llm.num_waiting + server.num_admitting
     if waiting + len(prompts) > limit:

@@ -248,21 +248,24 @@ class Info(BaseModel):
     model_device_type: str
     model_pipeline_tag: str = "text-generation"
     max_input_tokens: int
-    max_total_tokens: int
-    max_model_len: int
-    max_new_tokens_default: int
-    block_size: int
-    num_blocks: int
-    num_free_blocks: int
-    kv_cache_usage: float
-    num_requests_running: int
-    num_requests_waiting: int
-    max_num_seqs: int
+    # The generation engine's; null on an encoder-only server (--model none).
+    max_total_tokens: int | None = None
+    max_model_len: int | None = None
+    max_new_tokens_default: int | None = None
+    block_size: int | None = None
+    num_blocks: int | None = None
+    num_free_blocks: int | None = None
+    kv_cache_usage: float | None = None
+    num_requests_running: int = 0
+    num_requests_waiting: int = 0
+    max_num_seqs: int | None = None
     max_queue: int
-    max_stop_sequences: int = MAX_STOP
-    max_best_of: int = 1
+    max_stop_sequences: int | None = None
+    max_best_of: int | None = None
     embedding_model_id: str | None = None
     classifier_model_id: str | None = None
+    max_batch_tokens: int                     # the encoders' batch limits (TEI's names)
+    max_batch_size: int
     version: str
 
 

@@ -1,6 +1,6 @@
 """benchmarks/embed.py on a small scale: the sentence generator, the statistics, and one real
-run (20 sentences, 4 clients) against our server on the real all-MiniLM model, with a tiny
-LLaMA as the generation model the server insists on loading."""
+run (20 sentences, 4 clients) against an embeddings-only server (--model none) on the real
+all-MiniLM model."""
 from __future__ import annotations
 
 import json
@@ -47,13 +47,12 @@ def test_sweep_grid_and_url_refuses_knobs():
     assert policies[1][0].label == "attnserve /embed, 32 httpx clients (OMP_WAIT_POLICY=passive)"
 
 
-def test_small_run_against_the_real_server(tiny_llama, tmp_path, capsys):
+def test_small_run_against_the_real_server(tmp_path, capsys):
     pytest.importorskip("sentence_transformers")
     out = tmp_path / "embed.json"
     embed.main(["--num-sentences", "20", "--clients", "4", "--client", "httpx,raw", "--st-batch1-sentences", "3",
                 "--warmup", "4",
-                "--batch-wait-ms", "2", "--omp-wait-policy", "passive", "--probe-pause-ms", "5", "--json", str(out),
-                "--llm-args", f"--model {tiny_llama} --kv-cache-memory 16MiB --max-num-seqs 4"])
+                "--batch-wait-ms", "2", "--omp-wait-policy", "passive", "--probe-pause-ms", "5", "--json", str(out)])
     results = json.loads(out.read_text())
     assert results["num_sentences"] == 20 and results["num_tokens"] > 20
     assert results["st_batch32_sent_s"] > 0 and results["st_batch1_sent_s"] > 0

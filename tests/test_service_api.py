@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 from huggingface_hub import InferenceClient
 from openai import OpenAI

@@ -42,6 +42,17 @@ def test_bad_values_are_refused(argv):
         load_settings(argv)
 
 
+def test_model_none_serves_encoders_only_and_something_must_be_served():
+    s = load_settings(["--model", "none", "--max-batch-tokens", "4096", "--max-batch-size", "8",
+                       "--batch-wait-ms", "0.5"])
+    assert s.model is None and s.embedding_model == "all-minilm-l6-v2"
+    assert (s.max_batch_tokens, s.max_batch_size, s.batch_wait_ms) == (4096, 8, 0.5)
+    with pytest.raises(ValidationError, match="no model to serve"):
+        load_settings(["--model", "none", "--embedding-model", "none"])
+    with pytest.raises(ValidationError):
+        load_settings(["--max-batch-tokens", "0"])
+
+
 def test_unknown_flag_exits():
     with pytest.raises(SystemExit):
         load_settings(["--no-such-flag"])

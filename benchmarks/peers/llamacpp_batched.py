@@ -13,7 +13,6 @@ attention as llama.cpp decides (auto), spec["threads"] threads for decode and pr
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import sys
 import time

@@ -16,13 +16,9 @@ router = APIRouter(tags=["operations"])
             summary="Liveness: 200 while the engine loop runs and makes progress")
 async def health(request: Request):
     server = server_of(request)
-    if server.status in ("loading", "failed") or server.llm is None:
+    if server.status in ("loading", "failed"):
         server.require_ready()                  # raises the loading / failed 503
-    if not server.llm.is_alive:
-        raise APIError(503, "the engine loop is not running or is stuck")
-    for task, encoder in server.encoders.items():
-        if not encoder.is_alive and server.status == "ready":
-            raise APIError(503, f"the {task} encoder is not running")
+    _require_alive(server)
     return {"status": "ok"}
 
 
@@ -31,30 +27,45 @@ async def health(request: Request):
 async def ready(request: Request):
     server = server_of(request)
     server.require_ready()
-    if not server.llm.is_alive:
-        raise APIError(503, "the engine loop is not running or is stuck")
+    _require_alive(server)
     return {"status": "ready"}
+
+
+def _require_alive(server) -> None:
+    if server.llm is not None and not server.llm.is_alive:
+        raise APIError(503, "the engine loop is not running or is stuck")
+    for task, encoder in server.encoders.items():
+        if not encoder.is_alive and server.status == "ready":
+            raise APIError(503, f"the {task} encoder is not running")
 
 
 @router.get("/info", response_model=Info, responses=openapi_errors(401, 503),
             summary="Model, limits and live engine state (TGI-style)")
 async def info(request: Request):
     server = server_of(request)
-    if server.llm is None:
+    if server.status in ("loading", "failed"):
         server.require_ready()
-    engine, settings = server.engine, server.settings
+    encoders = server.encoder_ids()
+    settings = server.settings
+    common = {"model_id": server.model_id, "max_queue": settings.max_queue, "version": VERSION,
+              "max_batch_tokens": settings.max_batch_tokens, "max_batch_size": settings.max_batch_size,
+              "embedding_model_id": encoders.get("embed"), "classifier_model_id": encoders.get("classify")}
+    if server.llm is None:                    # encoder-only: TEI's answer, generation fields null
+        runner = next(iter(server.encoders.values())).runner
+        return {**common, "model_dtype": str(runner.dtype).removeprefix("torch."),
+                "model_device_type": runner.device.type, "model_pipeline_tag": "feature-extraction",
+                "max_input_tokens": runner.max_length}
+    engine = server.engine
     blocks = engine.block_manager
     return {
-        "model_id": server.model_id, "model_dtype": str(engine.dtype).removeprefix("torch."),
+        **common, "model_dtype": str(engine.dtype).removeprefix("torch."),
         "model_device_type": engine.device.type, "max_input_tokens": engine.max_model_len - 1,
         "max_total_tokens": engine.max_model_len, "max_model_len": engine.max_model_len,
         "max_new_tokens_default": 100, "block_size": engine.config.block_size,
         "num_blocks": blocks.num_blocks, "num_free_blocks": blocks.num_free_blocks,
         "kv_cache_usage": blocks.usage, "num_requests_running": server.llm.num_running,
         "num_requests_waiting": server.llm.num_waiting, "max_num_seqs": engine.config.max_num_seqs,
-        "max_queue": settings.max_queue, "max_stop_sequences": MAX_STOP, "max_best_of": 1,
-        "embedding_model_id": server.encoder_ids().get("embed"),
-        "classifier_model_id": server.encoder_ids().get("classify"), "version": VERSION,
+        "max_stop_sequences": MAX_STOP, "max_best_of": 1,
     }
 
 

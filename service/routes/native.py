@@ -29,7 +29,7 @@ from service.schemas import (ClassifyRequest, DetokenizeRequest, DetokenizeRespo
 logger = logging.getLogger("service")
 router = APIRouter(tags=["TGI / TEI"])
 
-_GEN_ERRORS = openapi_errors(400, 401, 413, 422, 429, 500, 503)
+_GEN_ERRORS = openapi_errors(400, 401, 404, 413, 422, 429, 500, 503)
 _STREAM_DOC = {200: {"description": "Server-sent events (text/event-stream), one per token "
                      "(`data: {...}`); the last carries generated_text and details"}}
 
@@ -90,7 +90,7 @@ def top_tokens_json(server: Server, t: GeneratedToken) -> list[dict]:
 
 async def _start(request: Request, body: GenerateRequest) -> tuple[Generation, int | None]:
     server = server_of(request)
-    server.require_ready()
+    server.require_generator()
     params, seed = tgi_sampling(server, body.parameters)
     gens = await admit(server, info_of(request), [body.inputs], params, truncate=body.parameters.truncate)
     return gens[0], seed
@@ -164,11 +164,11 @@ async def _events(request: Request, gen: Generation, seed: int | None, p: Genera
         yield error_event(request.url.path, APIError(500, "internal server error (logged)"))
 
 
-@router.post("/tokenize", response_model=list[SimpleToken], responses=openapi_errors(401, 413, 422, 503),
+@router.post("/tokenize", response_model=list[SimpleToken], responses=openapi_errors(401, 404, 413, 422, 503),
              summary="Tokenize text (TGI): ids with their text and character offsets")
 async def tokenize(body: TokenizeRequest, request: Request):
     server = server_of(request)
-    server.require_ready()
+    server.require_generator()
     # A long input has a big answer (1 MB of text: a million tokens, 50 MB of JSON): it is built
     # and encoded off the event loop, so the other requests go on meanwhile.
     content = await asyncio.to_thread(_tokenize_json, server, body.inputs, body.add_special_tokens)
@@ -182,11 +182,11 @@ def _tokenize_json(server: Server, text: str, add_special_tokens: bool) -> bytes
     return json.dumps(tokens, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse, responses=openapi_errors(401, 413, 422, 503),
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=openapi_errors(401, 404, 413, 422, 503),
              summary="Token ids back to text")
 async def detokenize(body: DetokenizeRequest, request: Request):
     server = server_of(request)
-    server.require_ready()
+    server.require_generator()
     vocab = server.engine.model_config.vocab_size
     bad = [i for i in body.inputs if i >= vocab]
     if bad:

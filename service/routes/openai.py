@@ -125,7 +125,7 @@ def _joined(first: dict | None, second: dict) -> dict:
              summary="Text completions (OpenAI)")
 async def completions(body: CompletionRequest, request: Request):
     server = server_of(request)
-    server.require_ready()
+    server.require_generator()
     model = check_model(server, body.model)
     if "max_tokens" in body.model_fields_set:       # the default 16 is cut to the model's length
         check_max_tokens(server, body.max_tokens, "max_tokens")
@@ -235,7 +235,7 @@ async def _render_chat(server: Server, body: ChatCompletionRequest) -> str:
              summary="Chat completions (OpenAI), through the model's chat template")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     server = server_of(request)
-    server.require_ready()
+    server.require_generator()
     model = check_model(server, body.model)
     check_max_tokens(server, body.max_tokens, "max_tokens")
     check_max_tokens(server, body.max_completion_tokens, "max_completion_tokens")
@@ -336,9 +336,11 @@ def _base64(vector: list[float]) -> str:
 async def models(request: Request):
     server = server_of(request)
     created = server.started_at
-    cards = [{"id": server.model_id, "object": "model", "created": created, "owned_by": "attnserve",
-              "max_model_len": server.max_model_len if server.llm is not None else None, "task": "generate"}]
-    listed = {server.model_id}
+    cards, listed = [], set()
+    if server.llm is not None:
+        cards.append({"id": server.model_id, "object": "model", "created": created, "owned_by": "attnserve",
+                      "max_model_len": server.max_model_len, "task": "generate"})
+        listed.add(server.model_id)
     for task, model_id in server.encoder_ids().items():
         if model_id not in listed:
             listed.add(model_id)
