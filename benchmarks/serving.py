@@ -144,39 +144,39 @@ def ratio_rows(results: dict, concurrencies: list[int], ours: str = "attnserve")
     return rows
 
 
-def format_ratios(rows: list[dict]) -> str:
+def format_ratios(rows: list[dict], ours: str = "attnserve") -> str:
     cols = [("x_transformers", "vs transformers"), ("x_llamacpp-server", "vs llama-cpp srv"),
             ("x_llamacpp-batched", "vs llama.cpp batch"), ("x_inprocess", "HTTP/in-process"),
             ("ttft_p99_vs_llamacpp", "TTFT p99 / llama.cpp")]
-    head = f"{'C':>4}{'attnserve tok/s':>17}" + "".join(f"{title:>22}" for _, title in cols)
-    lines = ["attnserve (HTTP) output tokens/s over each system's, at the same concurrency:", head]
+    head = f"{'C':>4}{'tok/s':>17}" + "".join(f"{title:>22}" for _, title in cols)
+    lines = [f"{ours} (HTTP) output tokens/s over each system's, at the same concurrency:", head]
     for row in rows:
-        tok_s = row.get("attnserve_tok_s")
+        tok_s = row.get(f"{ours}_tok_s")
         cells = "".join(f"{f'{row[k]:.2f}x' if row.get(k) else 'n/a':>22}" for k, _ in cols)
         lines.append(f"{row['concurrency']:>4}{f'{tok_s:.1f}' if tok_s else 'n/a':>17}{cells}")
     return "\n".join(lines)
 
 
-def targets(results: dict) -> list[tuple[str, float | None, float, bool]]:
+def targets(results: dict, ours: str = "attnserve") -> list[tuple[str, float | None, float, bool]]:
     """(what, measured, goal, higher_is_better) for the performance issue's targets."""
     def ratio(a: str | None, b: str | None, c: int, key: str = "output_tok_s") -> float | None:
         x = results.get(a, {}).get(c, {}).get(key) if a else None
         y = results.get(b, {}).get(c, {}).get(key) if b else None
         return x / y if x and y else None
     return [
-        ("tok/s vs transformers at C=16", ratio("attnserve", "transformers", 16), 10.0, True),
-        ("tok/s vs llama.cpp at C=16", ratio("attnserve", best_llamacpp(results, 16), 16), 1.5, True),
-        ("tok/s vs llama.cpp at C=64", ratio("attnserve", best_llamacpp(results, 64), 64), 2.0, True),
-        ("TTFT p99 vs llama.cpp at C=16", ratio("attnserve", best_llamacpp(results, 16), 16, "ttft_p99_ms"),
+        ("tok/s vs transformers at C=16", ratio(ours, "transformers", 16), 10.0, True),
+        ("tok/s vs llama.cpp at C=16", ratio(ours, best_llamacpp(results, 16), 16), 1.5, True),
+        ("tok/s vs llama.cpp at C=64", ratio(ours, best_llamacpp(results, 64), 64), 2.0, True),
+        ("TTFT p99 vs llama.cpp at C=16", ratio(ours, best_llamacpp(results, 16), 16, "ttft_p99_ms"),
          1.0, False),
         ("single-stream decode tok/s vs llama.cpp (C=1)",
-         ratio("attnserve", fastest_decode(results, 1), 1, "decode_tok_s"), 0.7, True),
-        ("HTTP / in-process tok/s at C=16", ratio("attnserve", "inprocess", 16), 0.9, True),
-    ]
+         ratio(ours, fastest_decode(results, 1), 1, "decode_tok_s"), 0.7, True),
+    ] + ([("HTTP / in-process tok/s at C=16", ratio(ours, "inprocess", 16), 0.9, True)]
+         if ours == "attnserve" else [])
 
 
-def format_targets(rows) -> str:
-    lines = ["targets (llama.cpp = whichever llama.cpp system has the higher tok/s at that C; "
+def format_targets(rows, ours: str = "attnserve") -> str:
+    lines = [f"targets for {ours} (llama.cpp = whichever llama.cpp system has the higher tok/s at that C; "
              "for decode, the faster decode):"]
     for what, value, goal, higher in rows:
         verdict = "n/a" if value is None else ("met" if (value >= goal if higher else value <= goal) else "NOT met")
@@ -222,7 +222,7 @@ def openai_body(system: str, prompt: str, output_len: int, eos_token_ids: list[i
         # No ignore_eos there: EOS is masked by a logit bias; its default repeat penalty is off.
         return {**body, "logit_bias": {str(i): -1e4 for i in eos_token_ids}, "repeat_penalty": 1.0}
     body["ignore_eos"] = True
-    if system == "attnserve":
+    if system.startswith("attnserve"):
         body["stream_options"] = {"include_usage": True}     # tokens counted by the server
     return body
 
@@ -248,9 +248,10 @@ async def drive_http(url: str, system: str, warmup: str, levels: dict[int, list[
 def server_command(system: str, args, port: int) -> tuple[list[str], str]:
     """(command, readiness path) for the systems that are HTTP servers."""
     py = sys.executable
-    if system == "attnserve":
+    if system.startswith("attnserve"):
+        variant = args.variants.get(system.removeprefix("attnserve-"), "") if system != "attnserve" else ""
         return [py, "-m", "service", "--model", args.model, "--port", str(port), "--embedding-model", "none",
-                "--log-level", "warning", *shlex.split(args.server_args)], "/ready"
+                "--log-level", "warning", *shlex.split(args.server_args), *shlex.split(variant)], "/ready"
     if system == "llamacpp-server":
         n_ctx = args.max_len + args.output_len + 64
         return [py, "-m", "llama_cpp.server", "--model", str(args.gguf), "--port", str(port),
@@ -323,13 +324,18 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="threads for the peers (default: the cores this process may use)")
     parser.add_argument("--server-args", default="", help="extra flags for `python -m service` (and inprocess)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                        help="also run attnserve-NAME: the server with these extra flags, e.g. "
+                             "'int8=--quantization int8' (repeatable)")
     parser.add_argument("--llamacpp-batch-tokens", type=int, default=512,
                         help="tokens per llama_decode in llamacpp-batched (like --max-num-batched-tokens)")
     parser.add_argument("--url", help="drive this running attnserve instead of launching one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write settings, machine and every result here")
     parser.add_argument("--plot", type=Path, help="PNG of tok/s and TTFT p99 against concurrency (matplotlib)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.variants = dict(v.split("=", 1) for v in args.variant)      # name -> flags
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -339,6 +345,10 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         raise SystemExit(f"unknown systems: {', '.join(sorted(unknown))} (known: {', '.join(SYSTEMS)})")
+    variants = [f"attnserve-{name}" for name in args.variants]
+    at = systems.index("attnserve") + 1 if "attnserve" in systems else 0      # right after the plain server
+    systems[at:at] = variants
+    ours = [s for s in systems if s.startswith("attnserve")]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     args.gguf = resolve_model_path(args.model)
     checkpoint = open_checkpoint(args.model)
@@ -363,15 +373,19 @@ def main(argv: list[str] | None = None) -> None:
             for c, s in results[system].items():
                 print(f"  {system} C={c}: {s.get('output_tok_s', 0):.1f} tok/s", flush=True)
 
-    rows, goals = ratio_rows(results, concurrencies), targets(results)
-    print(f"\n{format_table(results)}\n\n{format_ratios(rows)}\n\n{format_targets(goals)}")
+    print(f"\n{format_table(results)}")
+    rows, goals = {}, {}
+    for mine in ours:
+        rows[mine], goals[mine] = ratio_rows(results, concurrencies, mine), targets(results, mine)
+        print(f"\n{format_ratios(rows[mine], mine)}\n\n{format_targets(goals[mine], mine)}")
     command = "python " + shlex.join(["benchmarks/serving.py", *(argv if argv is not None else sys.argv[1:])])
     if args.json:
         args.json.write_text(json.dumps({
             "command": command, "machine": machine(), "versions": versions(), "model": args.model,
             "gguf": args.gguf.name, "settings": {k: str(v) for k, v in vars(args).items()},
             "requests_per_level": num_requests, "results": results, "ratios": rows,
-            "targets": [{"what": w, "value": v, "goal": g, "higher_is_better": h} for w, v, g, h in goals],
+            "targets": {mine: [{"what": w, "value": v, "goal": g, "higher_is_better": h} for w, v, g, h in found]
+                        for mine, found in goals.items()},
         }, indent=2) + "\n")
     if args.plot:
         try:

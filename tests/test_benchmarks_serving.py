@@ -97,6 +97,14 @@ def test_levels_cap_the_one_at_a_time_servers():
     assert serving.levels_for("attnserve", args, [1, 8], prompts) == prompts
 
 
+def test_a_variant_is_the_server_with_its_extra_flags():
+    args = serving.parse_args(["--server-args", "--max-num-seqs 8", "--variant", "int8=--quantization int8"])
+    command, ready = serving.server_command("attnserve-int8", args, 1234)
+    assert command[-4:] == ["--max-num-seqs", "8", "--quantization", "int8"] and ready == "/ready"
+    assert "--quantization" not in serving.server_command("attnserve", args, 1234)[0]
+    assert serving.openai_body("attnserve-int8", "p", 4, [2])["ignore_eos"]
+
+
 def test_http_levels_against_a_real_server(server):
     levels = {1: PROMPTS[:3], 2: PROMPTS[3:]}
     records = asyncio.run(serving.drive_http(server.url, "attnserve", "Hello", levels, OUTPUT_LEN, [2]))
