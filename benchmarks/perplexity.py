@@ -1,4 +1,4 @@
-"""Perplexity of a generation model on the bundled text, in fp32 and with int8 weights.
+"""Perplexity of a generation model on the bundled text: fp32, bf16, and int8 weights.
 
     python benchmarks/perplexity.py [--model smollm2-135m-instruct] [--window 256]
 
@@ -47,10 +47,11 @@ def compare(model_name: str, window: int) -> dict:
     token_ids = load_tokenizer(checkpoint).encode("\n\n".join(prompt_texts()), add_special_tokens=False)
     cpu = torch.device("cpu")
     fp32 = perplexity(build_model(checkpoint, torch.float32, cpu), token_ids, window)
+    bf16 = perplexity(build_model(checkpoint, torch.bfloat16, cpu), token_ids, window)
     int8_model = quantize_int8(build_model(checkpoint, torch.bfloat16, cpu), cpu, torch.bfloat16)
     int8 = perplexity(int8_model, token_ids, window)
-    return {"model": model_name, "tokens": len(token_ids), "window": window, "fp32": fp32, "int8": int8,
-            "increase": int8 / fp32 - 1}
+    return {"model": model_name, "tokens": len(token_ids), "window": window, "fp32": fp32, "bf16": bf16,
+            "int8": int8, "increase": int8 / fp32 - 1}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     result = compare(args.model, args.window)
     print(f"machine: {machine()}")
     print(f"{result['model']}: {result['tokens']} tokens in windows of {result['window']}")
-    print(f"perplexity fp32 {result['fp32']:.3f}, int8 {result['int8']:.3f} ({result['increase']:+.2%}; "
-          f"limit +{MAX_INCREASE:.0%})")
+    print(f"perplexity fp32 {result['fp32']:.3f}, bf16 {result['bf16']:.3f} "
+          f"({result['bf16'] / result['fp32'] - 1:+.2%}), int8 {result['int8']:.3f} "
+          f"({result['increase']:+.2%}; limit +{MAX_INCREASE:.0%})")
     return 0 if result["increase"] <= MAX_INCREASE else 1
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.linear import split_shards
+
 # Up to this many rows the int8 kernel beats bf16 (on a 2-core Zen 4, 576 x 3072: 1 row 2x
 # faster, 16 rows 2x slower); beyond, compute binds and the bf16 copy is used.
 INT8_KERNEL_MAX_ROWS = 4
@@ -68,7 +70,7 @@ class Int8Linear(nn.Module):
         return out.view(*shape[:-1], self.out_features)
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return out.split(list(self.shard_sizes.values()), dim=-1)
+        return split_shards(out, self.shard_sizes)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"

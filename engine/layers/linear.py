@@ -29,4 +29,9 @@ class MergedLinear(nn.Linear):
             param[offset: offset + size].copy_(tensor)
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return out.split(list(self.shard_sizes.values()), dim=-1)
+        return split_shards(out, self.shard_sizes)
+
+
+def split_shards(out: torch.Tensor, shard_sizes: dict[str, int]) -> tuple[torch.Tensor, ...]:
+    """A merged projection's output, cut back into its parts (q, k, v / gate, up)."""
+    return out.split(list(shard_sizes.values()), dim=-1)

@@ -43,8 +43,8 @@ def _require_alive(server) -> None:
             summary="Model, limits and live engine state (TGI-style)")
 async def info(request: Request):
     server = server_of(request)
-    if server.status in ("loading", "failed"):
-        server.require_ready()
+    if server.status in ("loading", "failed") or (server.llm is None and not server.encoders):
+        server.require_ready()                  # (the latter: stopping before anything loaded)
     encoders = server.encoder_ids()
     settings = server.settings
     common = {"model_id": server.model_id, "max_queue": settings.max_queue, "version": VERSION,
