@@ -1,8 +1,9 @@
 """Where a decode step's time goes: ms per step at a fixed batch, and the top operators.
 
-    python benchmarks/decode_step.py --batch 1 [--dtype float32] [--quantization int8] [--top 12]
+    python benchmarks/decode_step.py --batch 1 [--dtype float32] [--quantization int8] [--prompt-len 256]
 
-B requests of the same short prompt decode together (greedy, EOS ignored); after a warm-up,
+B requests of the same prompt (--prompt-len tokens of the bundled text; default a short sentence)
+decode together (greedy, EOS ignored); after a warm-up,
 --steps engine steps are timed, then 10 more run under torch's profiler, whose table of
 operators by self CPU time is printed. This is the profile behind BENCHMARKS.md's analysis.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import machine, prompts_of_lengths  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 
 PROMPT = "The history of the city begins in the early days of the republic, when"
@@ -28,12 +29,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quantization", default=None)
+    parser.add_argument("--prompt-len", type=int, default=None, help="tokens of context per sequence")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args(argv)
     engine = LLM(args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_memory="512MiB",
                  max_num_seqs=max(args.batch, 1)).engine
-    prompt = engine.tokenizer.encode(PROMPT)
+    prompt = (engine.tokenizer.encode(PROMPT) if args.prompt_len is None
+              else prompts_of_lengths(engine.tokenizer, [args.prompt_len])[0])
     for i in range(args.batch):
         engine.add_request(str(i), prompt, SamplingParams(max_tokens=args.steps + 30, temperature=0, ignore_eos=True))
     for _ in range(5):                        # prefill, then warm decode steps
