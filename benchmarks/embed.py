@@ -31,8 +31,6 @@ import itertools
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +44,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.common import machine  # noqa: E402
+from benchmarks.peers.launch import free_port, repo_env, wait_ready  # noqa: E402
+from benchmarks.peers.launch import stop as stop_process  # noqa: E402
 from benchmarks.sentences import is_long, mixed_sentences, short_sentences  # noqa: E402
 
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -97,17 +97,14 @@ class ServerProcess:
     """`python -m service` (or the knob bootstrap) on 127.0.0.1 and a free port."""
 
     def __init__(self, config: ServerConfig, llm_args: list[str], extra_args: list[str], log_level: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         knobs = [arg for name, value in config.encoder_knobs.items()
                  for arg in ("--" + name.replace("_", "-"), str(value))]
         args = ["--host", "127.0.0.1", "--port", str(self.port), "--embedding-model", EMBEDDING_MODEL,
                 "--log-level", log_level, *llm_args, *knobs, *extra_args]
         self.command = [sys.executable, *(["-c", _BOOTSTRAP] if config.threads else ["-m", "service"]), *args]
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
-                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        self.env = repo_env()
         if config.threads is not None:
             self.env["ATTNSERVE_BENCH_THREADS"] = str(config.threads)
             self.env["OMP_NUM_THREADS"] = self.env["MKL_NUM_THREADS"] = str(config.threads)
@@ -119,18 +116,8 @@ class ServerProcess:
     def start(self, timeout: float = 180.0) -> "ServerProcess":
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.logs()[-4000:]}")
+        wait_ready(self.proc, self.url + "/ready", timeout, self.log_path)
+        return self
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU time (user + system) so far: the whole server, and its main thread (the event
@@ -149,20 +136,12 @@ class ServerProcess:
 
     def stop(self) -> None:
         """SIGTERM (drains); the log is kept only if the server did not exit cleanly."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, timeout=60)
         if self.proc is not None and self.proc.returncode == 0:
             self.log_path.unlink(missing_ok=True)
         elif self.proc is not None:
             print(f"server exited with {self.proc.returncode}; its log: {self.log_path}", file=sys.stderr)
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 # --- the HTTP load ---

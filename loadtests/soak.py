@@ -24,9 +24,6 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -40,36 +37,22 @@ import psutil  # noqa: E402
 from locust.env import Environment  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "loadtests"))
+sys.path[:0] = [str(REPO / "loadtests"), str(REPO)]
 import locustfile  # noqa: E402
+from benchmarks.peers.launch import free_port, repo_env, stop, wait_ready  # noqa: E402
 
 MAX_RSS_GROWTH = 0.05
 MAX_P99_RATIO = 1.5
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args, port: int, log) -> subprocess.Popen:
+def start_server(args, port: int, log_path: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--model", args.model,
                "--max-num-seqs", str(args.max_num_seqs), "--max-queue", str(args.max_queue),
                "--kv-cache-memory", args.kv_cache_memory, *args.server_args]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the server was not ready after 300 s")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=repo_env())
+    wait_ready(proc, f"http://127.0.0.1:{port}/ready", 300, log_path)
+    return proc
 
 
 def p99(values: list[float]) -> float:
@@ -81,16 +64,11 @@ def run(args) -> dict:
     url = f"http://127.0.0.1:{port}"
     log_path = Path(args.out).with_suffix(".server.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        server = start_server(args, port, log)
+    server = start_server(args, port, log_path)
     try:
         return soak(args, url, psutil.Process(server.pid), log_path)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server, timeout=60)
 
 
 def soak(args, url: str, server: psutil.Process, log_path: Path) -> dict:
