@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Sequence as Seq
 
 from engine.llm_engine import LLMEngine
-from engine.model_runner import use_cpu_threads
+from engine.device import use_cpu_threads
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 

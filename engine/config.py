@@ -5,7 +5,6 @@ Both are frozen: values found at run time (the number of KV blocks, the device c
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,6 +231,3 @@ def parse_bytes(text: str | int) -> int:
             return int(float(cleaned[: -len(unit)]) * scale)
     return int(cleaned)
 
-
-def default_num_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

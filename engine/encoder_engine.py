@@ -24,7 +24,7 @@ import torch
 
 from engine.encoder_runner import (EncoderError, EncoderOutput, EncoderRunner, EngineStoppedError,
                                    InputTooLongError, Inputs, Item, Job, QueueFullError, run_batch)
-from engine.model_runner import use_cpu_threads
+from engine.device import use_cpu_threads
 
 __all__ = ["Encoder", "EncoderEngine", "EncoderError", "EncoderOutput", "EngineStoppedError",
            "InputTooLongError", "QueueFullError", "length_buckets", "take_batch"]

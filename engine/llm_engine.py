@@ -12,7 +12,8 @@ import torch
 from engine.config import EngineConfig
 from engine.kv_cache import BlockManager
 from engine.loader import build_model, load_tokenizer, open_checkpoint
-from engine.model_runner import ModelRunner, resolve_device, resolve_dtype, use_cpu_threads
+from engine.device import resolve_device, resolve_dtype, use_cpu_threads
+from engine.model_runner import ModelRunner
 from engine.outputs import CompletionState, RequestMetrics, RequestOutput
 from engine.quantization import quantize_int8
 from engine.sampling import SampleRequest, Sampler, SamplerOutput, SamplingParams

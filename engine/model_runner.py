@@ -11,7 +11,7 @@ import logging
 import torch
 from torch import nn
 
-from engine.config import EngineConfig, ModelConfig, default_num_threads
+from engine.config import EngineConfig, ModelConfig
 from engine.layers.attention import (Attention, AttentionBackend, AttnMetadata, TorchAttention,
                                     build_attn_metadata)
 from engine.scheduler import ScheduledBatch
@@ -20,37 +20,6 @@ logger = logging.getLogger(__name__)
 
 _DEFAULT_CPU_KV_BYTES = 2 * 2**30
 _GPU_MEMORY_UTILIZATION = 0.85
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for but no CUDA device is available")
-    return device
-
-
-def use_cpu_threads(num_threads: int | None) -> int:
-    """Set torch's intra-op threads for the calling thread; returns the number used.
-
-    Call it from the thread that will run the model: a worker thread that never set it ran
-    decode steps ~6x slower than one that did (measured at batch 16 on a 2-core CPU).
-    """
-    num_threads = num_threads or default_num_threads()
-    torch.set_num_threads(num_threads)
-    return num_threads
-
-
-def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None,
-                  quantization: str | None = None) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cpu":
-        # fp32: exact and batch-invariant, and the fast dtype without native bf16;
-        # int8 weights multiply bf16 activations.
-        return torch.bfloat16 if quantization == "int8" else torch.float32
-    return torch.float16 if checkpoint_dtype == "float16" else torch.bfloat16
 
 
 def select_backend(config: ModelConfig, device: torch.device) -> AttentionBackend:

@@ -10,26 +10,16 @@ AMX); elsewhere the kernel is many times slower than fp32, so the engine refuses
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.device import cpu_features
 from engine.layers.linear import split_shards
 
 # Up to this many rows the int8 kernel beats bf16 (on a 2-core Zen 4, 576 x 3072: 1 row 2x
 # faster, 16 rows 2x slower); beyond, compute binds and the bf16 copy is used.
 INT8_KERNEL_MAX_ROWS = 4
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class Int8Linear(nn.Module):
@@ -82,7 +72,7 @@ def quantize_int8(model: nn.Module, device: torch.device, dtype: torch.dtype) ->
     if device.type != "cpu" or dtype != torch.bfloat16:
         raise ValueError("quantization int8 runs on the CPU with bfloat16 activations "
                          f"(got device {device.type}, dtype {str(dtype).removeprefix('torch.')})")
-    if not cpu_has_native_bf16():
+    if not cpu_features().has_native_bf16:
         raise ValueError("quantization int8 needs a CPU with native bf16 (AVX-512 BF16 or AMX); "
                          "without, its kernels run slower than float32")
     for parent in list(model.modules()):

@@ -90,7 +90,7 @@ class Server:
     def _load_encoders(self) -> None:
         """The embedding and classifier models; one engine when both name the same model."""
         from engine.encoder_engine import EncoderEngine
-        from engine.model_runner import resolve_device, resolve_dtype
+        from engine.device import resolve_device, resolve_dtype
         s = self.settings
         device = resolve_device(s.device)
         dtype = resolve_dtype(s.dtype, device, None)

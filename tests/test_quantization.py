@@ -8,10 +8,11 @@ from torch import nn
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.layers.linear import MergedLinear
-from engine.quantization import INT8_KERNEL_MAX_ROWS, Int8Linear, cpu_has_native_bf16, quantize_int8
+from engine.device import cpu_features
+from engine.quantization import INT8_KERNEL_MAX_ROWS, Int8Linear, quantize_int8
 from service.settings import load_settings
 
-needs_bf16 = pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
+needs_bf16 = pytest.mark.skipif(not cpu_features().has_native_bf16, reason="this CPU has no native bf16")
 
 
 @pytest.mark.parametrize("num_rows", [1, INT8_KERNEL_MAX_ROWS, INT8_KERNEL_MAX_ROWS + 1, 40])
