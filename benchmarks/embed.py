@@ -1,9 +1,9 @@
 """Embedding throughput: attnserve's HTTP /embed under many one-sentence clients against
 sentence-transformers encode() in-process, on the same sentences, in one run.
 
-    python benchmarks/embed.py --json embed.json          # 2,000 sentences, 32 clients
-    python benchmarks/embed.py --batch-wait-ms 0,2,5 --max-batch-tokens 2048,16384   # a sweep
-    python benchmarks/embed.py --url http://127.0.0.1:8000  # a server that is already running
+    python -m benchmarks.embed --json embed.json          # 2,000 sentences, 32 clients
+    python -m benchmarks.embed --batch-wait-ms 0,2,5 --max-batch-tokens 2048,16384   # a sweep
+    python -m benchmarks.embed --url http://127.0.0.1:8000  # a server that is already running
 
 The sentences (benchmarks/sentences.py) are 70% short (3-12 words) and 30% long (40-120),
 shuffled. sentence-transformers encodes them all with batch_size 32 and with batch_size 1.
@@ -41,20 +41,21 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from benchmarks.common import machine  # noqa: E402
-from benchmarks.peers.launch import free_port, repo_env, wait_ready  # noqa: E402
-from benchmarks.peers.launch import stop as stop_process  # noqa: E402
-from benchmarks.sentences import is_long, mixed_sentences, short_sentences  # noqa: E402
+from benchmarks.common import machine
+from benchmarks.peers.launch import free_port, repo_env, wait_ready
+from benchmarks.peers.launch import stop as stop_process
+from benchmarks.sentences import is_long, mixed_sentences, short_sentences
 
+REPO = Path(__file__).resolve().parent.parent
 EMBEDDING_MODEL = "all-minilm-l6-v2"
 TARGETS = {"vs_st_batch32": 0.9, "vs_st_batch1": 3.0, "min_cosine": 0.99999}
 # --server-threads: sets the encoder's torch threads, then runs `python -m service` (the
 # service has no flag for it; its encoder thread takes every core by default).
-_BOOTSTRAP = """import os, sys
-from engine.encoder_engine import EncoderEngine
-EncoderEngine.__init__.__kwdefaults__["num_threads"] = int(os.environ["ATTNSERVE_BENCH_THREADS"])
+_BOOTSTRAP = """import dataclasses, os, sys
+from service.settings import Settings
+encoder_config = Settings.encoder_config
+threads = int(os.environ["ATTNSERVE_BENCH_THREADS"])
+Settings.encoder_config = lambda self: dataclasses.replace(encoder_config(self), num_threads=threads)
 from service.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -346,6 +347,7 @@ def summarize(config: ServerConfig, runs: list[LoadResult], sentences: list[str]
 def run_benchmark(args) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
+
     from engine.loader import resolve_model_path
 
     if args.st_threads:

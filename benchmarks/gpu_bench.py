@@ -1,8 +1,8 @@
 """GPU benchmark: the Triton paged-decode kernel, then the whole engine, against the card's roofline.
 
-    python benchmarks/gpu_bench.py                                   # on a CUDA machine
-    python benchmarks/gpu_bench.py --peak-bandwidth 3.35 --peak-tflops 989   # card not in the table
-    python benchmarks/gpu_bench.py --cpu-smoke                       # logic check on a CPU machine
+    python -m benchmarks.gpu_bench                                   # on a CUDA machine
+    python -m benchmarks.gpu_bench --peak-bandwidth 3.35 --peak-tflops 989   # card not in the table
+    python -m benchmarks.gpu_bench --cpu-smoke                       # logic check on a CPU machine
 
 (a) kernel: CudaAttention against TorchAttention on bf16 decode batches of realistic shapes
     (SmolLM2-135M's 3x3 heads of 64, Llama-3-8B's 8x4 heads of 128): max abs diff against
@@ -32,9 +32,6 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 # Published peaks, dense (no sparsity): (memory TB/s, bf16 TFLOP/s). First match wins.
 PEAKS = [

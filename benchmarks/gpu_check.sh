@@ -89,7 +89,7 @@ run_stage "other cuda/gpu/triton tests" 60 0 \
     "$PY" -m pytest tests/ -k "cuda or gpu or triton" -q -rs --continue-on-collection-errors \
     --ignore=tests/test_triton_attention.py
 run_stage "gpu_bench" 150 1 \
-    "$PY" benchmarks/gpu_bench.py --json "$LOG_DIR/gpu_bench.json"
+    "$PY" -m benchmarks.gpu_bench --json "$LOG_DIR/gpu_bench.json"
 
 echo
 echo "=== summary (log: $LOG)"

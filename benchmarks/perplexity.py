@@ -1,6 +1,6 @@
 """Perplexity of a generation model on the bundled text: fp32, bf16, and int8 weights.
 
-    python benchmarks/perplexity.py [--model smollm2-135m-instruct] [--window 256]
+    python -m benchmarks.perplexity [--model smollm2-135m-instruct] [--window 256]
 
 The bundled text is loadtests/prompts.txt, read as one document; it is scored in windows of
 --window tokens (each window's first token is context only). `--quantization int8` must stay
@@ -11,16 +11,14 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import machine, prompt_texts  # noqa: E402
-from engine.layers.attention import build_attn_metadata  # noqa: E402
-from engine.loader import build_model, load_tokenizer, open_checkpoint  # noqa: E402
-from engine.quantization import quantize_int8  # noqa: E402
+from benchmarks.common import machine, prompt_texts
+from engine.layers.attention import build_attn_metadata
+from engine.loader import build_model, load_tokenizer, open_checkpoint
+from engine.quantization import quantize_int8
 
 MAX_INCREASE = 0.02
 

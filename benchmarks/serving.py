@@ -1,7 +1,7 @@
 """Online serving benchmark, like vLLM's: C concurrent streaming clients against attnserve's
 HTTP server and its peers, on the same model, in the same run.
 
-    python benchmarks/serving.py --plot serving.png --json serving.json
+    python -m benchmarks.serving --plot serving.png --json serving.json
 
 Systems, run one after another (each alone on the machine, peers with --threads threads;
 attnserve uses every core in its affinity, the same number by default):
@@ -44,10 +44,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import machine, prompt_texts  # noqa: E402
-from benchmarks.peers.clients import RequestRecord, closed_loop, read_results, stream_completion  # noqa: E402
-from benchmarks.peers.launch import free_port, repo_env, serve  # noqa: E402
+from benchmarks.common import machine, prompt_texts
+from benchmarks.peers.clients import RequestRecord, closed_loop, read_results, stream_completion
+from benchmarks.peers.launch import free_port, repo_env, serve
 
 SYSTEMS = ("attnserve", "inprocess", "llamacpp-server", "llamacpp-batched", "transformers")
 SEQUENTIAL = ("llamacpp-server", "transformers")        # serve one request at a time
@@ -378,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     for mine in ours:
         rows[mine], goals[mine] = ratio_rows(results, concurrencies, mine), targets(results, mine)
         print(f"\n{format_ratios(rows[mine], mine)}\n\n{format_targets(goals[mine], mine)}")
-    command = "python " + shlex.join(["benchmarks/serving.py", *(argv if argv is not None else sys.argv[1:])])
+    command = "python -m benchmarks.serving " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.json:
         args.json.write_text(json.dumps({
             "command": command, "machine": machine(), "versions": versions(), "model": args.model,

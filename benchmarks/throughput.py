@@ -1,7 +1,7 @@
 """Offline generation throughput: attnserve's LLM.generate against Hugging Face transformers
 `generate()` on the same model, in the same run.
 
-    python benchmarks/throughput.py --num-prompts 64 --output-len 128
+    python -m benchmarks.throughput --num-prompts 64 --output-len 128
 
 Prompts are 64-256 tokens cut from the bundled text, greedy, every request generating exactly
 output-len tokens (EOS ignored on both sides). transformers runs one request at a time on the
@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import machine, prompts_of_lengths  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
-from engine.loader import resolve_model_path  # noqa: E402
+from benchmarks.common import machine, prompts_of_lengths
+from engine import LLM, SamplingParams
+from engine.loader import resolve_model_path
 
 
 def run_ours(llm: LLM, prompts, output_len: int) -> tuple[float, list[list[int]]]:

@@ -17,24 +17,19 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 from typing import Sequence as Seq
 
-from engine.llm_engine import LLMEngine
 from engine.device import use_cpu_threads
+from engine.errors import EngineStoppedError, RequestFailedError
+from engine.limits import GenerationStats
+from engine.llm_engine import LLMEngine, StepStats
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 _STALL_SECONDS = 60.0     # a step slower than this means the engine is stuck
-
-
-class GenerationError(RuntimeError):
-    """A request failed inside the engine; the others go on."""
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop is not running."""
 
 
 @dataclass(slots=True)
@@ -84,7 +79,7 @@ class RequestStream:
         if item.finished:
             self.finished = True
             if item.error:
-                raise GenerationError(item.error)
+                raise RequestFailedError(item.error)
         return item
 
     def abort(self) -> None:
@@ -100,6 +95,10 @@ class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.tokenizer = engine.tokenizer
+        self.limits = engine.limits
+        # (free blocks, usage) as of the last step; the engine thread replaces it whole.
+        self._block_stats = (engine.block_manager.num_free_blocks, engine.block_manager.usage)
+        engine.step_listeners.append(self._publish)
         self._inbox: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._ids = itertools.count()
@@ -145,14 +144,29 @@ class AsyncLLMEngine:
     def num_unfinished(self) -> int:
         return len(self._streams)
 
+    def stats(self) -> GenerationStats:
+        """A consistent snapshot, safe from any thread."""
+        with self._lock:
+            waiting = self._num_submitted + len(self._unscheduled)
+            running = len(self._streams) - len(self._unscheduled)
+        num_free_blocks, usage = self._block_stats
+        return GenerationStats(running, waiting, num_free_blocks, usage)
+
+    def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        """listener(stats) after every engine step, on the engine thread."""
+        self.engine.step_listeners.append(listener)
+
+    def _publish(self, stats: StepStats) -> None:
+        self._block_stats = (stats.num_free_blocks, stats.kv_cache_usage)
+
     # -- requests -----------------------------------------------------------------------
 
     async def add_request(self, prompt: str | Seq[int], params: SamplingParams,
                           request_id: str | None = None, arrival_time: float | None = None
                           ) -> RequestStream:
-        """Admit a request. ValueError for a prompt the engine cannot run."""
+        """Admit a request. InvalidParameter for a prompt the engine cannot run."""
         if not self.is_alive:
-            raise EngineDeadError("the engine loop is not running")
+            raise EngineStoppedError("the engine loop is not running")
         arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         request_id = request_id or f"req-{next(self._ids)}"
         text = prompt if isinstance(prompt, str) else None
@@ -208,7 +222,7 @@ class AsyncLLMEngine:
             logger.exception("engine loop died")
             self.error = exc
             for stream in list(self._streams.values()):
-                stream.put(EngineDeadError(f"engine loop died: {exc}"))
+                stream.put(EngineStoppedError(f"engine loop died: {exc}"))
             raise
 
     def _step(self) -> list[RequestOutput]:

@@ -5,7 +5,9 @@ Both are frozen: values found at run time (the number of KV blocks, the device c
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # model_type in config.json -> the model file that implements it.
@@ -204,10 +206,7 @@ class EngineConfig:
             object.__setattr__(self, "kv_cache_memory", parse_bytes(self.kv_cache_memory))
         if self.quantization not in (None, "int8"):
             raise ValueError(f"quantization must be None or int8, got {self.quantization!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        _check_device_and_dtype(self.device, self.dtype)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -217,6 +216,43 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderConfig:
+    """How an encoder runs: device, dtype and its dynamic batching."""
+
+    device: str = "auto"                 # "auto" | "cpu" | "cuda"
+    dtype: str = "auto"                  # "auto" | "float32" | "bfloat16" | "float16"
+    max_batch_tokens: int = 16384        # tokens (padding included) in one batch
+    max_batch_size: int = 128            # inputs in one batch
+    batch_wait_ms: float = 2.0           # longest an input waits for others to fill its batch
+    max_queue: int = 4096                # queued inputs beyond which submits are refused
+    max_inputs_per_request: int = 2048
+    num_threads: int | None = None       # torch intra-op threads on CPU; None: all cores
+
+    def __post_init__(self):
+        _check_device_and_dtype(self.device, self.dtype)
+        for name in ("max_batch_tokens", "max_batch_size", "max_queue", "max_inputs_per_request"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_wait_ms < 0:
+            raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+        if self.max_queue < self.max_inputs_per_request:
+            raise ValueError(f"max_queue {self.max_queue} is below max_inputs_per_request "
+                             f"{self.max_inputs_per_request}: a full request could never be queued")
+
+
+def _check_device_and_dtype(device: str, dtype: str) -> None:
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+
+
+def read_json_file(path: Path) -> Any:
+    """A checkpoint's JSON file ({} when it is absent)."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def parse_bytes(text: str | int) -> int:

@@ -7,8 +7,8 @@
 
 A request's inputs are queued one by one, so a large request fills several batches and small
 requests from many clients share one. Batches are packed: no padding outside attention.
-The model side (validation, batches, heads) lives in engine/encoder_runner.py; its
-exceptions are re-exported here for the HTTP layer.
+The model side (validation, batches, heads) lives in engine/encoder_runner.py; refusals
+are engine/errors.py's, as for generation.
 """
 from __future__ import annotations
 
@@ -20,14 +20,12 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Callable, Sequence
 
-import torch
-
-from engine.encoder_runner import (EncoderError, EncoderOutput, EncoderRunner, EngineStoppedError,
-                                   InputTooLongError, Inputs, Item, Job, QueueFullError, run_batch)
+from engine.config import EncoderConfig
 from engine.device import use_cpu_threads
+from engine.encoder_runner import EncoderOutput, EncoderRunner, Inputs, Item, Job, run_batch
+from engine.errors import EngineStoppedError, QueueFullError
 
-__all__ = ["Encoder", "EncoderEngine", "EncoderError", "EncoderOutput", "EngineStoppedError",
-           "InputTooLongError", "QueueFullError", "length_buckets", "take_batch"]
+__all__ = ["Encoder", "EncoderConfig", "EncoderEngine", "EncoderOutput", "length_buckets", "take_batch"]
 logger = logging.getLogger(__name__)
 
 
@@ -64,26 +62,19 @@ def length_buckets(batch: list[Item], max_ratio: float = 2.0) -> list[list[Item]
 class EncoderEngine:
     """Dynamic batching on a worker thread that owns the model; thread-safe submits.
 
-    `on_batch(num_inputs, num_tokens)` is called after each batch (on the worker thread),
-    e.g. to record the `embed_batch_size` histogram. `max_queue` bounds queued *inputs*.
-    A request waits at most `batch_wait_ms` for others to join its batch.
+    `EncoderEngine(model, config)` or `EncoderEngine(model, max_batch_size=..., ...)` (the
+    fields of EncoderConfig). `on_batch(num_inputs, num_tokens)` is called after each batch
+    (on the worker thread), e.g. to record the `embed_batch_size` histogram. `max_queue`
+    bounds queued *inputs*. A request waits at most `batch_wait_ms` for others to join its batch.
     """
 
-    def __init__(self, model: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 max_batch_tokens: int = 16384, max_batch_size: int = 128,
-                 batch_wait_ms: float = 2.0, max_queue: int = 4096,
-                 max_inputs_per_request: int = 2048, num_threads: int | None = None,
-                 on_batch: Callable[[int, int], None] | None = None):
-        if min(max_batch_tokens, max_batch_size, max_queue, max_inputs_per_request) < 1 or batch_wait_ms < 0:
-            raise ValueError("batch limits must be >= 1 and batch_wait_ms >= 0")
-        if max_queue < max_inputs_per_request:
-            raise ValueError(f"max_queue {max_queue} is below max_inputs_per_request "
-                             f"{max_inputs_per_request}: a full request could never be queued")
-        self.runner = EncoderRunner(model, device=device, dtype=dtype,
-                                    max_inputs_per_request=max_inputs_per_request)
-        self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
-        self.batch_wait_s, self.max_queue, self.on_batch = batch_wait_ms / 1000, max_queue, on_batch
-        self.num_threads = num_threads
+    def __init__(self, model: str, config: EncoderConfig | None = None, *,
+                 on_batch: Callable[[int, int], None] | None = None, **options):
+        self.config = config = _config(config, options)
+        self.runner = EncoderRunner(model, config, config.max_inputs_per_request)
+        self.limits = self.runner.limits
+        self.max_batch_tokens, self.max_batch_size = config.max_batch_tokens, config.max_batch_size
+        self.batch_wait_s, self.max_queue, self.on_batch = config.batch_wait_ms / 1000, config.max_queue, on_batch
         self._queue: deque[Item] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -156,7 +147,7 @@ class EncoderEngine:
     # --- the worker ---
 
     def _loop(self) -> None:
-        use_cpu_threads(self.num_threads)
+        use_cpu_threads(self.config.num_threads)
         while (batch := self._next_batch()) is not None:
             for bucket in length_buckets(batch):
                 try:
@@ -194,15 +185,16 @@ class EncoderEngine:
 
 
 class Encoder:
-    """Offline embeddings and classification (no thread): `Encoder("all-minilm-l6-v2")`.
+    """Offline embeddings and classification (no thread): `Encoder("all-minilm-l6-v2")`,
+    with EncoderConfig's fields as options, like `LLM`.
 
     Runs the same packed batches as EncoderEngine, sorted by length over the whole call."""
 
-    def __init__(self, model: str = "all-minilm-l6-v2", *, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, max_batch_tokens: int = 16384,
-                 max_batch_size: int = 128):
-        self.runner = EncoderRunner(model, device=device, dtype=dtype)
-        self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
+    def __init__(self, model: str = "all-minilm-l6-v2", **encoder_options):
+        config = EncoderConfig(**encoder_options)
+        self.runner = EncoderRunner(model, config)
+        self.limits = self.runner.limits
+        self.max_batch_tokens, self.max_batch_size = config.max_batch_tokens, config.max_batch_size
 
     model_id = property(lambda self: self.runner.model_id)
     max_length = property(lambda self: self.runner.max_length, doc="tokens, special ones included")
@@ -227,3 +219,9 @@ class Encoder:
         while queue:
             run_batch(self.runner, take_batch(queue, self.max_batch_tokens, self.max_batch_size))
         return job.future.result().data
+
+
+def _config(config: EncoderConfig | None, options: dict) -> EncoderConfig:
+    if config is not None and options:
+        raise TypeError("pass an EncoderConfig or its fields as options, not both")
+    return config or EncoderConfig(**options)

@@ -1,9 +1,9 @@
 """The encoder's model side: requests validated and tokenized into Items, packed batches
 run through the model, rows handed back to each request's Job.
 
-Exceptions for the HTTP layer: `InputTooLongError` -> 400, any other `EncoderError` (a
-ValueError) -> 422, `QueueFullError` -> 429, `EngineStoppedError` -> 503; anything else a
-Future raises is our bug (500).
+Refusals are engine/errors.py's: `PromptTooLongError` for an input past the model's length,
+`InvalidParameter` (naming "inputs" or "candidate_labels") for the rest; anything else a
+Future raises is our bug.
 """
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from engine.config import UnsupportedModelError
+from engine.config import EncoderConfig, UnsupportedModelError
+from engine.device import resolve_device, resolve_dtype
+from engine.errors import InvalidParameter, PromptTooLongError
 from engine.layers.attention import build_attn_metadata
+from engine.limits import EncoderLimits
 from engine.loader import build_model, load_tokenizer, open_checkpoint
 from engine.models.bert import read_pooling_config
 
@@ -25,22 +28,6 @@ logger = logging.getLogger(__name__)
 # (sentence-transformers' MultipleNegativesRankingLoss), i.e. temperature 0.05.
 ZERO_SHOT_SCALE = 20.0
 Inputs = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
-
-
-class EncoderError(ValueError):
-    """A request the encoder refuses before queueing it (HTTP 422)."""
-
-
-class InputTooLongError(EncoderError):
-    """An input past the model's maximum length without truncate (HTTP 400)."""
-
-
-class QueueFullError(RuntimeError):
-    """Too many inputs waiting (HTTP 429)."""
-
-
-class EngineStoppedError(RuntimeError):
-    """The engine is not running (HTTP 503)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,20 +85,25 @@ class Item:
 class EncoderRunner:
     """A BERT checkpoint with its tokenizer and pooling: requests -> Jobs, batches -> rows."""
 
-    def __init__(self, model: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 max_inputs_per_request: int | None = None):
+    def __init__(self, model: str, config: EncoderConfig, max_inputs_per_request: int | None = None):
         checkpoint = open_checkpoint(model)
         if checkpoint.config.family != "bert":
             raise UnsupportedModelError(f"{model}: an encoder needs a BERT-family checkpoint, "
                                         f"got {checkpoint.config.model_type!r}")
-        self.model_id, self.config, self.device = str(model), checkpoint.config, torch.device(device)
-        self.dtype = dtype
+        self.model_id, self.config = str(model), checkpoint.config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device, checkpoint.config.dtype)
         self.pooling = read_pooling_config(checkpoint.path)
-        self.model = build_model(checkpoint, dtype, self.device)
+        self.model = build_model(checkpoint, self.dtype, self.device)
         self.tokenizer = load_tokenizer(checkpoint)
-        limits = [self.config.max_position_embeddings, self.pooling.max_seq_length]
-        self.max_length: int = min(n for n in limits if n)
+        lengths = [self.config.max_position_embeddings, self.pooling.max_seq_length]
+        self.max_length: int = min(n for n in lengths if n)
         self.max_inputs_per_request = max_inputs_per_request
+        self.limits = EncoderLimits(
+            model_id=self.model_id, max_length=self.max_length, hidden_size=self.config.hidden_size,
+            vocab_size=self.config.vocab_size, has_classifier=self.has_classifier,
+            labels=self.config.id2label, max_inputs_per_request=max_inputs_per_request,
+            device=str(self.device), dtype=str(self.dtype).removeprefix("torch."))
         self._suffix = _special_suffix(self.tokenizer)
 
     @property
@@ -135,45 +127,46 @@ class EncoderRunner:
                       sum(map(len, ids)))
             return job, [Item(x, "embedding", True, job, i) for i, x in enumerate(ids + label_ids)]
         if not self.has_classifier:
-            raise EncoderError(f"model {self.model_id!r} has no classification head: pass "
-                               "candidate_labels (a list of label strings) for zero-shot "
-                               "classification, or serve a model with a sequence-classification head")
+            raise InvalidParameter(
+                "candidate_labels", f"model {self.model_id!r} has no classification head: pass "
+                "candidate_labels (a list of label strings) for zero-shot classification, or "
+                "serve a model with a sequence-classification head")
         labels, sigmoid = self.config.id2label, _is_multi_label(self.config)
         job = Job(len(ids), lambda rows: [_label_scores(r, labels, sigmoid) for r in rows],
                   sum(map(len, ids)))
         return job, [Item(x, "logits", False, job, i) for i, x in enumerate(ids)]
 
     def prepare(self, inputs: Inputs, truncate: bool, check_count: bool = True) -> list[list[int]]:
-        """Strings or token-id lists -> token ids, each checked; raises EncoderError."""
+        """Strings or token-id lists -> token ids, each checked; raises InvalidParameter."""
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
             inputs = [inputs]                                   # one string, or one id list
         if not inputs:
-            raise EncoderError("inputs must not be empty")
+            raise InvalidParameter("inputs", "inputs must not be empty")
         limit = self.max_inputs_per_request
         if check_count and limit is not None and len(inputs) > limit:
-            raise EncoderError(f"{len(inputs)} inputs in one request; the limit is {limit}")
+            raise InvalidParameter("inputs", f"{len(inputs)} inputs in one request; the limit is {limit}")
         return [self._fit(self._token_ids(x, i), i, truncate) for i, x in enumerate(inputs)]
 
     def _token_ids(self, value: Any, index: int) -> list[int]:
         if isinstance(value, str):
             if not value:
-                raise EncoderError(f"input {index} is an empty string")
+                raise InvalidParameter("inputs", f"input {index} is an empty string")
             return self.tokenizer.encode(value.lower() if self.pooling.lowercase else value)
         if not isinstance(value, (list, tuple)) or not value:
-            raise EncoderError(f"input {index} must be a non-empty string or list of token ids, "
+            raise InvalidParameter("inputs", f"input {index} must be a non-empty string or list of token ids, "
                                f"got {type(value).__name__}{' (empty)' if value == [] else ''}")
         vocab = self.config.vocab_size
         if not all(type(t) is int and 0 <= t < vocab for t in value):
-            raise EncoderError(f"input {index} has items that are not token ids in [0, {vocab})")
+            raise InvalidParameter("inputs", f"input {index} has items that are not token ids in [0, {vocab})")
         return list(value)
 
     def _fit(self, ids: list[int], index: int, truncate: bool) -> list[int]:
         if len(ids) <= self.max_length:
             return ids
         if not truncate:
-            raise InputTooLongError(f"input {index} is {len(ids)} tokens long, more than the "
-                                    f"model's maximum of {self.max_length} tokens; shorten it "
-                                    "or pass truncate=true")
+            raise PromptTooLongError("inputs", f"input {index} is {len(ids)} tokens long, more than "
+                                     f"the model's maximum of {self.max_length} tokens; shorten it "
+                                     "or pass truncate=true", len(ids), self.max_length)
         suffix = self._suffix if ids[len(ids) - len(self._suffix):] == self._suffix else []
         return ids[: self.max_length - len(suffix)] + suffix   # keep the closing [SEP]
 
@@ -240,11 +233,11 @@ def _special_suffix(tokenizer) -> list[int]:
 
 def _check_labels(labels: Sequence[str]) -> list[str]:
     if isinstance(labels, str) or not labels:
-        raise EncoderError("candidate_labels must be a non-empty list of strings")
+        raise InvalidParameter("candidate_labels", "candidate_labels must be a non-empty list of strings")
     if not all(isinstance(label, str) and label for label in labels):
-        raise EncoderError("candidate_labels must be non-empty strings")
+        raise InvalidParameter("candidate_labels", "candidate_labels must be non-empty strings")
     if len(set(labels)) != len(labels):
-        raise EncoderError("candidate_labels must not repeat")
+        raise InvalidParameter("candidate_labels", "candidate_labels must not repeat")
     return list(labels)
 
 

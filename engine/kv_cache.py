@@ -19,6 +19,11 @@ from engine.sequence import Sequence
 _ROOT_HASH = 0
 
 
+def ceil_div(a: int, b: int) -> int:
+    """Blocks of size b that hold a tokens."""
+    return -(-a // b)
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
@@ -30,8 +35,6 @@ class BlockManager:
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.block_hash: list[int | None] = [None] * num_blocks
         self.cached_blocks: dict[int, int] = {}        # hash -> block id
-        self.num_prefix_queries = 0                    # prompt tokens looked up
-        self.num_prefix_hits = 0                       # of those, tokens found cached
 
     @property
     def num_free_blocks(self) -> int:
@@ -42,7 +45,7 @@ class BlockManager:
         return 1.0 - len(self.free_blocks) / self.num_blocks
 
     def blocks_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return ceil_div(num_tokens, self.block_size)
 
     # -- prefix cache -------------------------------------------------------------------
 
@@ -62,12 +65,6 @@ class BlockManager:
                 break
             hits.append(block)
         return hits
-
-    def count_prefix_lookup(self, num_tokens: int, num_hit_blocks: int) -> None:
-        """A sequence was admitted with num_hit_blocks of its num_tokens cached."""
-        if self.enable_prefix_caching:
-            self.num_prefix_queries += num_tokens
-            self.num_prefix_hits += num_hit_blocks * self.block_size
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Publish seq's full, computed blocks to the prefix cache."""

@@ -5,18 +5,20 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence as Seq
+from typing import Callable
+from typing import Sequence as Seq
 
 import torch
 
 from engine.config import EngineConfig
-from engine.kv_cache import BlockManager
-from engine.loader import build_model, load_tokenizer, open_checkpoint
 from engine.device import resolve_device, resolve_dtype, use_cpu_threads
+from engine.kv_cache import BlockManager
+from engine.limits import GenerationLimits
+from engine.loader import build_model, load_tokenizer, open_checkpoint
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionState, RequestMetrics, RequestOutput
 from engine.quantization import quantize_int8
-from engine.sampling import SampleRequest, Sampler, SamplerOutput, SamplingParams
+from engine.sampling import Sampler, SampleRequest, SamplerOutput, SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence, SequenceStatus
 
@@ -34,7 +36,10 @@ class StepStats:
     num_preempted: int
     num_running: int
     num_waiting: int
+    num_free_blocks: int
     kv_cache_usage: float
+    num_prefix_queries: int = 0     # prompt tokens looked up in the prefix cache this step
+    num_prefix_hits: int = 0        # of those, tokens found cached
 
 
 @dataclass(eq=False)
@@ -58,6 +63,8 @@ class EngineCounters:
     num_prompt_tokens_computed: int = 0         # prefill work actually done (prefix hits excluded)
     num_generated_tokens: int = 0
     num_steps: int = 0
+    num_prefix_queries: int = 0                 # prompt tokens looked up in the prefix cache
+    num_prefix_hits: int = 0                    # of those, tokens found cached
 
 
 class LLMEngine:
@@ -83,6 +90,12 @@ class LLMEngine:
                                    self.config.max_num_batched_tokens)
         self.sampler = Sampler(self.config.seed)
         self.max_model_len = self._decide_max_model_len()
+        self.limits = GenerationLimits(
+            model_id=str(model), vocab_size=self.model_config.vocab_size,
+            max_model_len=self.max_model_len, max_num_seqs=self.config.max_num_seqs,
+            block_size=self.config.block_size, num_blocks=self.runner.num_blocks,
+            device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+            quantization=self.config.quantization)
         if self.device.type == "cuda" and not self.config.enforce_eager and self.runner.backend.supports_cuda_graphs:
             self.runner.capture_cuda_graphs(self.config.max_num_seqs, self.max_model_len)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | frozenset(
@@ -112,16 +125,14 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None,
                     arrival_time: float | None = None, prompt_text: str | None = None) -> None:
         """Queue a prompt (text, or token ids; prompt_text names the text of given ids).
-        Raises ValueError for what cannot run."""
+        Raises InvalidParameter (PromptTooLongError) for what cannot run."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else prompt_text
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._validate_prompt(prompt_ids)
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(f"n {params.n} exceeds max_num_seqs {self.config.max_num_seqs}: "
-                             "the completions of one request run together")
+        self.limits.validate_prompt(prompt_ids)
+        self.limits.validate_n(params.n)
         now = arrival_time if arrival_time is not None else time.monotonic()
         seqs = [self._new_sequence(request_id, prompt_ids, params, i, now) for i in range(params.n)]
         seqs[0].siblings = seqs[1:]
@@ -130,17 +141,6 @@ class LLMEngine:
         self.requests[request_id] = Request(request_id, text, prompt_ids, params, seqs, completions,
                                             RequestMetrics(arrival_time=now))
         self.scheduler.add(seqs[0])
-
-    def _validate_prompt(self, prompt_ids: list[int]) -> None:
-        if not prompt_ids:
-            raise ValueError("prompt must contain at least one token")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_ids)} tokens but this model allows at most "
-                             f"{self.max_model_len - 1} prompt tokens (max_model_len {self.max_model_len})")
-        vocab = self.model_config.vocab_size
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}), got "
-                             f"{min(prompt_ids) if min(prompt_ids) < 0 else max(prompt_ids)}")
 
     def _new_sequence(self, request_id, prompt_ids, params, index, now) -> Sequence:
         seq = Sequence(next(self._seq_ids), request_id, list(prompt_ids), len(prompt_ids),
@@ -292,10 +292,15 @@ class LLMEngine:
     def _report(self, batch: ScheduledBatch, duration: float) -> None:
         prefill = sum(min(n, max(0, seq.num_prompt_tokens - (seq.num_computed_tokens - n)))
                       for seq, n in zip(batch.seqs, batch.num_new_tokens))
-        self.counters.num_prompt_tokens_computed += prefill
-        self.counters.num_steps += 1
+        counters = self.counters
+        counters.num_prompt_tokens_computed += prefill
+        counters.num_steps += 1
+        counters.num_prefix_queries += batch.num_prefix_queries
+        counters.num_prefix_hits += batch.num_prefix_hits
+        blocks = self.block_manager
         stats = StepStats(duration, len(batch.seqs), prefill, len(batch.samples), len(batch.preempted),
-                          self.num_running, self.num_waiting, self.block_manager.usage)
+                          self.num_running, self.num_waiting, blocks.num_free_blocks, blocks.usage,
+                          batch.num_prefix_queries, batch.num_prefix_hits)
         for listener in self.step_listeners:
             listener(stats)
 

@@ -12,13 +12,16 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from engine.config import ModelConfig
 from engine.layers.linear import MergedLinear
+
+if TYPE_CHECKING:                     # engine.models imports every family: only for annotations
+    from engine.models import CheckpointModel
 
 # name -> (package that ships it, path inside the package)
 DEFAULT_MODELS = {
@@ -144,7 +147,7 @@ def _read_weight_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise CheckpointError(f"{file}: cannot read weights ({type(exc).__name__}: {exc})") from None
 
 
-def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+def load_weights(model: CheckpointModel, tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
     """Copy every checkpoint tensor into its parameter; every parameter must be filled."""
     params = dict(model.named_parameters())
     loaded: set[str] = set()

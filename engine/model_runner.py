@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import nn
 
 from engine.config import EngineConfig, ModelConfig
-from engine.layers.attention import (Attention, AttentionBackend, AttnMetadata, TorchAttention,
-                                    build_attn_metadata)
+from engine.kv_cache import ceil_div
+from engine.layers.attention import Attention, AttentionBackend, AttnMetadata, TorchAttention, build_attn_metadata
+from engine.models import CausalLM
 from engine.scheduler import ScheduledBatch
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def select_backend(config: ModelConfig, device: torch.device) -> AttentionBacken
     """The one place the attention implementation is chosen: Triton kernels on CUDA when the
     head size suits them, the PyTorch reference everywhere else."""
     if device.type == "cuda":
-        from engine.layers import triton_attention        # CPU-only installs never import triton
+        from engine.layers import triton_attention  # CPU-only installs never import triton
         if triton_attention.supports_head_dim(config.head_dim):
             return triton_attention.CudaAttention(sliding_window=config.sliding_window)
         logger.warning("head_dim %d has no Triton kernel; using the PyTorch attention", config.head_dim)
@@ -34,7 +34,7 @@ def select_backend(config: ModelConfig, device: torch.device) -> AttentionBacken
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, model_config: ModelConfig, engine_config: EngineConfig,
+    def __init__(self, model: CausalLM, model_config: ModelConfig, engine_config: EngineConfig,
                  device: torch.device, dtype: torch.dtype):
         self.model = model
         self.model_config = model_config
@@ -82,7 +82,7 @@ class ModelRunner:
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Replay decode steps from CUDA graphs from now on (CUDA backend only)."""
         from engine.cuda_graphs import DecodeGraphs
-        max_blocks = -(-max_model_len // self.block_size)
+        max_blocks = ceil_div(max_model_len, self.block_size)
         self.graphs = DecodeGraphs(self.model, max_num_seqs, max_blocks, self.block_size, self.device)
 
     @torch.inference_mode()

@@ -13,8 +13,15 @@ from typing import Sequence as Seq
 
 import torch
 
-_MAX_SEED = 2**64 - 1
-_MAX_TOP_LOGPROBS = 20
+from engine.errors import InvalidParameter
+
+# The bounds of each field, enforced here and imported by the HTTP schemas.
+MAX_SEED = 2**64 - 1
+MAX_TOP_LOGPROBS = 20
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 100.0
+MAX_ABS_PENALTY = 2.0                # frequency and presence penalties lie in [-2, 2]
+MAX_N = 64
 # Below this a temperature acts greedy: dividing logits by it would overflow float32.
 _MIN_TEMPERATURE = 1e-5
 # A smaller repetition penalty is clamped to it: its reward for seen tokens already
@@ -24,7 +31,7 @@ _MIN_REPETITION_PENALTY = 1e-30
 
 @dataclass(slots=True)
 class SamplingParams:
-    """What a request asks of generation. Validated on construction (ValueError names the field)."""
+    """What a request asks of generation. Validated on construction (InvalidParameter names the field)."""
 
     max_tokens: int = 16
     temperature: float = 1.0             # 0: greedy
@@ -46,23 +53,24 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         _check(self.max_tokens >= 1, "max_tokens", "must be >= 1", self.max_tokens)
-        _check(0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]", self.temperature)
+        _check(0.0 <= self.temperature <= MAX_TEMPERATURE, "temperature",
+               f"must be in [0, {MAX_TEMPERATURE:g}]", self.temperature)
         _check(self.top_k == -1 or self.top_k >= 0, "top_k", "must be -1 (off) or >= 0", self.top_k)
         _check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]", self.top_p)
         _check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]", self.min_p)
-        _check(0.0 < self.repetition_penalty <= 100.0, "repetition_penalty", "must be in (0, 100]",
-               self.repetition_penalty)
-        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]",
-               self.frequency_penalty)
-        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]",
-               self.presence_penalty)
-        _check(self.seed is None or 0 <= self.seed <= _MAX_SEED, "seed",
+        _check(0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY, "repetition_penalty",
+               f"must be in (0, {MAX_REPETITION_PENALTY:g}]", self.repetition_penalty)
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            _check(-MAX_ABS_PENALTY <= value <= MAX_ABS_PENALTY, name,
+                   f"must be in [-{MAX_ABS_PENALTY:g}, {MAX_ABS_PENALTY:g}]", value)
+        _check(self.seed is None or 0 <= self.seed <= MAX_SEED, "seed",
                "must be in [0, 2**64 - 1]", self.seed)
-        _check(1 <= self.n <= 64, "n", "must be in [1, 64]", self.n)
+        _check(1 <= self.n <= MAX_N, "n", f"must be in [1, {MAX_N}]", self.n)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop",
                "must be non-empty strings", self.stop)
-        _check(self.logprobs is None or 0 <= self.logprobs <= _MAX_TOP_LOGPROBS, "logprobs",
-               f"must be in [0, {_MAX_TOP_LOGPROBS}]", self.logprobs)
+        _check(self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS, "logprobs",
+               f"must be in [0, {MAX_TOP_LOGPROBS}]", self.logprobs)
 
     @property
     def is_greedy(self) -> bool:
@@ -81,7 +89,7 @@ class SamplingParams:
 def _check(ok: bool, name: str, rule: str, value) -> None:
     # NaN fails every comparison, so it lands here too.
     if not ok:
-        raise ValueError(f"{name} {rule}, got {value!r}")
+        raise InvalidParameter(name, f"{name} {rule}, got {value!r}")
 
 
 @dataclass(slots=True)

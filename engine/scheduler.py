@@ -26,6 +26,8 @@ class ScheduledBatch:
     samples: list[tuple[Sequence, int]] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    num_prefix_queries: int = 0          # prompt tokens of admitted sequences looked up in the prefix cache
+    num_prefix_hits: int = 0             # of those, tokens found cached
 
     @property
     def num_tokens(self) -> int:
@@ -85,7 +87,7 @@ class Scheduler:
             if not self.block_manager.allocate(seq, num_new, cached, batch.blocks_to_copy):
                 break
             self.waiting.popleft()
-            self.block_manager.count_prefix_lookup(seq.num_tokens, len(cached))
+            self._count_prefix_lookup(batch, seq.num_tokens, len(cached))
             seq.status = SequenceStatus.RUNNING
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = len(cached) * self.block_manager.block_size
@@ -95,6 +97,12 @@ class Scheduler:
             self.running.extend(self._fork_if_prefilled(seq, num_new, batch))
             budget -= num_new
         return batch
+
+    def _count_prefix_lookup(self, batch: ScheduledBatch, num_tokens: int, num_hit_blocks: int) -> None:
+        # Once per admission, never per blocked attempt.
+        if self.block_manager.enable_prefix_caching:
+            batch.num_prefix_queries += num_tokens
+            batch.num_prefix_hits += num_hit_blocks * self.block_manager.block_size
 
     def _allocate_or_preempt(self, seq: Sequence, num_new: int, batch: ScheduledBatch) -> bool:
         """Blocks for seq's next tokens, preempting from the tail until they fit.

@@ -17,11 +17,12 @@ from typing import Any, Sequence
 import jinja2
 import jinja2.ext
 import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, processors
 
 from engine import gguf_vocab
+from engine.config import read_json_file
 
 # Named special tokens as tokenizer_config.json spells them; chat templates see them by name.
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
@@ -81,9 +82,9 @@ class Tokenizer:
     def from_dir(cls, path: str | os.PathLike) -> "Tokenizer":
         """A Hugging Face checkpoint dir: tokenizer.json, else tokenizer.model, else vocab.txt."""
         path = Path(path)
-        config = {**_read_json(path / "special_tokens_map.json"), **_read_json(path / "tokenizer_config.json")}
+        config = {**read_json_file(path / "special_tokens_map.json"), **read_json_file(path / "tokenizer_config.json")}
         backend, special_tokens, add_bos = _dir_backend(path, config)
-        generation = _read_json(path / "generation_config.json")
+        generation = read_json_file(path / "generation_config.json")
         return cls(backend, special_tokens, add_bos=add_bos, add_eos=config.get("add_eos_token"),
                    extra_eos_ids=_as_ids(generation.get("eos_token_id")),
                    chat_templates=_dir_chat_templates(path, config))
@@ -226,10 +227,6 @@ class IncrementalDetokenizer:
 
 # --- checkpoint-dir helpers ---
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def _token_text(value: str | dict) -> str:
     """tokenizer_config.json writes a token as a string or as an AddedToken dict."""
     return value["content"] if isinstance(value, dict) else value
@@ -280,7 +277,7 @@ def _dir_chat_templates(path: Path, config: dict[str, Any]) -> dict[str, str]:
     if (path / "chat_template.jinja").is_file():
         raw = (path / "chat_template.jinja").read_text(encoding="utf-8")
     elif (path / "chat_template.json").is_file():
-        raw = _read_json(path / "chat_template.json").get("chat_template")
+        raw = read_json_file(path / "chat_template.json").get("chat_template")
     else:
         raw = config.get("chat_template")
     if isinstance(raw, list):  # [{name, template}, ...]

@@ -13,7 +13,8 @@ random (so some repeat and the prefix cache gets hits).
 
 A stream counts in locust's statistics from its request to its last event; its time to first
 token is a second entry of request type "TTFT" under the same name (client side: request sent
--> the first token event; for chat, the first chunk with text, since the first names the role). A stream that ends without its last event, or with an error
+-> the first token event; for chat, the first chunk with text, since the first names the role).
+A stream that ends without its last event, or with an error
 event, is a failure.
 
 Options (flag or environment): --max-new-tokens / LOCUST_MAX_NEW_TOKENS (default 64),

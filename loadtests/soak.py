@@ -39,6 +39,7 @@ from locust.env import Environment  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "loadtests"), str(REPO)]
 import locustfile  # noqa: E402
+
 from benchmarks.peers.launch import free_port, repo_env, stop, wait_ready  # noqa: E402
 
 MAX_RSS_GROWTH = 0.05
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"soak {report['duration_s']} s, {report['users']} users on {report['model']}: {report['ok']} answered, "
-          f"{report['refused_429']} refused 429 (queue full), {report['failed']} failed; {report['requests_per_s']} req/s")
+          f"{report['refused_429']} refused 429 (queue full), {report['failed']} failed; "
+          f"{report['requests_per_s']} req/s")
     print(f"RSS {report['rss_mib_first_window']} -> {report['rss_mib_last_window']} MiB "
           f"({report['rss_growth']:+.2%}; max {report['rss_mib_max']} MiB); p99 {report['p99_ms_first_window']} -> "
           f"{report['p99_ms_last_window']} ms (x{report['p99_ratio']}); after: {report['after']}")

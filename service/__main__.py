@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         settings: Settings = load_settings(argv)
     except ValidationError as exc:
         for error in exc.errors():
-            print(f"python -m service: {'.'.join(map(str, error['loc'])) or 'settings'}: {error['msg']}", file=sys.stderr)
+            where = ".".join(map(str, error["loc"])) or "settings"
+            print(f"python -m service: {where}: {error['msg']}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
     steady_malloc()

@@ -16,11 +16,10 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from service.errors import install_handlers
-from service.schemas import (ChatCompletionChunk, Completion, NativeError, OpenAIErrorResponse,
-                             StreamResponse)
 from service.middleware import OPEN_PATHS, ServiceMiddleware
-from service.routes import admin, native, openai
+from service.routes import admin, openai, tei, tgi
 from service.runtime import VERSION, Server
+from service.schemas import ChatCompletionChunk, Completion, NativeError, OpenAIErrorResponse, StreamResponse
 from service.settings import Settings
 
 logger = logging.getLogger("service")
@@ -54,7 +53,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     app.state.server = server
     app.openapi = lambda: _openapi(app, server)
     install_handlers(app)
-    routers = [native.router, openai.router, admin.router]
+    routers = [tgi.router, tei.router, openai.router, admin.router]
     for router in routers:
         app.include_router(router)
     routes = frozenset(route.path for router in routers for route in router.routes) | _DOC_PATHS
@@ -88,18 +87,18 @@ def _add_model_bounds(spec: dict, server: Server) -> None:
     """The bounds that depend on the loaded models: max tokens, embedding dimensions."""
     components = spec["components"]["schemas"]
     bounds, token_ids = [], []
-    if server.llm is not None:
+    if server.generator is not None:
         bounds = [("GenerateParameters", "max_new_tokens", None, server.max_model_len),
                   ("CompletionRequest", "max_tokens", None, server.max_model_len),
                   ("ChatCompletionRequest", "max_tokens", None, server.max_model_len),
                   ("ChatCompletionRequest", "max_completion_tokens", None, server.max_model_len)]
-        vocab = server.engine.model_config.vocab_size
+        vocab = server.generator.limits.vocab_size
         token_ids = [("CompletionRequest", "prompt", vocab), ("DetokenizeRequest", "inputs", vocab)]
     if "embed" in server.encoders:
-        runner = server.encoders["embed"].runner
-        bounds.append(("EmbeddingRequest", "dimensions", runner.config.hidden_size, runner.config.hidden_size))
-        token_ids += [("EmbedRequest", "inputs", runner.config.vocab_size),
-                      ("EmbeddingRequest", "input", runner.config.vocab_size)]
+        limits = server.encoders["embed"].limits
+        bounds.append(("EmbeddingRequest", "dimensions", limits.hidden_size, limits.hidden_size))
+        token_ids += [("EmbedRequest", "inputs", limits.vocab_size),
+                      ("EmbeddingRequest", "input", limits.vocab_size)]
     for component, field, minimum, maximum in bounds:
         prop = components[component]["properties"][field]
         for branch in prop.get("anyOf", [prop]):
@@ -110,7 +109,7 @@ def _add_model_bounds(spec: dict, server: Server) -> None:
     for component, field, size in token_ids:
         _bound_integers(components[component]["properties"][field], size - 1)
     classify = server.encoders.get("classify")
-    if classify is not None and not classify.runner.has_classifier:   # zero-shot only
+    if classify is not None and not classify.limits.has_classifier:   # zero-shot only
         request = components["ClassifyRequest"]
         request["required"] = sorted({*request.get("required", []), "candidate_labels"})
         labels = request["properties"]["candidate_labels"]

@@ -3,6 +3,8 @@
     /v1/*           {"error": {"message", "type", "param", "code"}}          (OpenAI)
     everything else {"error": "...", "error_type": "validation" | ...}      (TGI / TEI)
 
+What the engines raise (engine/errors.py) is mapped to an answer in one table,
+`from_engine_error`, used by the app's handlers and by streams that fail after they started.
 No traceback ever reaches a client: unexpected exceptions are logged here and answered with
 a generic 500.
 """
@@ -14,8 +16,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.errors import EngineStoppedError, InvalidParameter, PromptTooLongError, QueueFullError, RequestFailedError
 
 logger = logging.getLogger("service")
 
@@ -51,8 +55,51 @@ class APIError(Exception):
         return _KINDS.get(self.status, ("generation", "server_error"))[1]
 
 
+class ClientGone(Exception):
+    """The client disconnected while its request ran; it has been aborted (answered 499,
+    nginx's code for it: nobody reads the answer, but logs and metrics count it)."""
+
+
 def validation_error(message: str, param: str | None = None) -> APIError:
     return APIError(422, message, param=param, code="invalid_value")
+
+
+_RETRY = {"Retry-After": "1"}
+# engine exception -> its answer; the first matching row wins (subclasses first).
+_ENGINE_ERRORS = (
+    (PromptTooLongError, lambda e: APIError(400, str(e), param=e.param, code="context_length_exceeded")),
+    (InvalidParameter, lambda e: APIError(422, _naming(e), param=e.param,
+                                          code="invalid_prompt" if e.param == "prompt" else "invalid_value")),
+    (QueueFullError, lambda e: APIError(429, str(e), headers=_RETRY, code="queue_full")),
+    (EngineStoppedError, lambda e: APIError(503, str(e), headers=_RETRY)),
+    (RequestFailedError, lambda e: APIError(500, f"generation failed: {e}", error_type="generation")),
+)
+ENGINE_ERRORS = tuple(kind for kind, _ in _ENGINE_ERRORS)
+
+
+def _naming(exc: InvalidParameter) -> str:
+    """The message, starting with the field it is about (as validation errors do)."""
+    message = str(exc)
+    return message if message.startswith(exc.param) else f"{exc.param}: {message}"
+
+
+def from_engine_error(exc: Exception) -> APIError | None:
+    """The answer an engine exception means; None for anything else (a bug: 500)."""
+    for kind, answer in _ENGINE_ERRORS:
+        if isinstance(exc, kind):
+            return answer(exc)
+    return None
+
+
+def as_api_error(exc: Exception, what: str) -> APIError:
+    """Any exception as an answer; what is not an APIError nor an engine error is logged (500)."""
+    if isinstance(exc, APIError):
+        return exc
+    answer = from_engine_error(exc)
+    if answer is None:
+        logger.error("%s failed", what, exc_info=exc)
+        answer = APIError(500, "internal server error (logged)")
+    return answer
 
 
 def is_openai_path(path: str) -> bool:
@@ -105,6 +152,15 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return error_response(request.url.path, exc)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone):
+        return Response(status_code=499)
+
+    for kind in ENGINE_ERRORS:
+        @app.exception_handler(kind)
+        async def _engine_error(request: Request, exc: Exception):
+            return error_response(request.url.path, from_engine_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

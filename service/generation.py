@@ -6,6 +6,9 @@ the per-request metrics, waiting for a result while watching the client, and abo
     async for i, out in merge(gens): ...                  # streaming
     results = await collect(request, gens)                # non-streaming; ClientGone if it left
 
+Prompts and parameters are validated by the engine's own rules (engine/limits.py,
+SamplingParams); its typed errors become HTTP answers in service/errors.py.
+
 A Generation that ends without its final output (client gone, exception) aborts its engine
 request, so the KV blocks are free within one step.
 """
@@ -22,19 +25,16 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from engine.async_engine import EngineDeadError, GenerationError, RequestStream
+from engine.async_engine import RequestStream
+from engine.errors import EngineStoppedError, RequestFailedError
 from engine.outputs import GeneratedToken, RequestOutput
 from engine.sampling import SamplingParams
-from service.errors import APIError
-from service.runtime import RequestInfo, Server
+from service.errors import APIError, ClientGone, as_api_error, error_event
+from service.runtime import RequestInfo, Server, info_of
 
 logger = logging.getLogger("service")
 _ids = itertools.count()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-class ClientGone(Exception):
-    """The client disconnected while its request ran; it has been aborted."""
 
 
 @dataclass
@@ -73,12 +73,9 @@ class Generation:
             async for out in self.stream:
                 self._account(out)
                 yield out
-        except GenerationError as exc:
+        except (RequestFailedError, EngineStoppedError) as exc:   # mid-request: it failed
             self.finished = True
             logger.error("request %s failed in the engine: %s", self.info.request_id, exc)
-            raise APIError(500, f"generation failed: {exc}", error_type="generation") from None
-        except EngineDeadError as exc:
-            self.finished = True
             raise APIError(500, f"generation failed: {exc}", error_type="generation") from None
         finally:
             self.close()
@@ -131,8 +128,9 @@ async def admit(server: Server, info: RequestInfo, prompts: Sequence[str | list[
     """Queue one engine request per prompt; every rejection raises before anything runs."""
     arrival = info.arrival                    # when the request reached the server
     server.require_generator()
-    llm, limit = server.llm, server.settings.max_queue
-    waiting = llm.num_waiting + server.num_admitting
+    generator, limit = server.generator, server.settings.max_queue
+    generator.limits.validate_n(params.n)
+    waiting = generator.num_waiting + server.num_admitting
     if waiting + len(prompts) > limit:
         raise APIError(429, f"the queue is full ({waiting} requests waiting, limit {limit}); "
                        "retry later", headers={"Retry-After": "1"}, code="queue_full")
@@ -142,22 +140,18 @@ async def admit(server: Server, info: RequestInfo, prompts: Sequence[str | list[
         for prompt in tokenized:
             if truncate is not None and len(prompt.ids) > truncate:
                 prompt.ids = prompt.ids[-truncate:]
-            check_prompt(server, prompt.ids)
+            generator.limits.validate_prompt(prompt.ids)   # all of them, before any is queued
         info.prompt = "\n".join(p.text for p in tokenized if p.text) or None
         gens: list[Generation] = []
         try:
             for prompt in tokenized:
-                stream = await llm.add_request(prompt.ids, params, request_id=f"{info.request_id}-{next(_ids)}",
-                                               arrival_time=arrival)
+                stream = await generator.add_request(prompt.ids, params, arrival_time=arrival,
+                                                     request_id=f"{info.request_id}-{next(_ids)}")
                 gens.append(Generation(server, info, prompt, stream, arrival))
         except BaseException:
             for gen in gens:
                 gen.abort("error")
             raise
-    except ValueError as exc:                 # the engine refused the prompt
-        raise APIError(422, str(exc), param="prompt", code="invalid_prompt") from None
-    except EngineDeadError as exc:
-        raise APIError(503, f"the engine is not running: {exc}") from None
     finally:
         server.num_admitting -= len(prompts)
     num_prompt = sum(len(g.prompt.ids) for g in gens)
@@ -177,33 +171,11 @@ def _tokenize_all(server: Server, prompts: Sequence[str | list[int]], add_specia
     return out
 
 
-def check_prompt(server: Server, ids: list[int]) -> None:
-    limit = server.max_model_len
-    if not ids:
-        raise APIError(422, "the prompt is empty (it encodes to no tokens)", param="prompt",
-                       code="invalid_prompt")
-    if len(ids) >= limit:
-        raise APIError(400, f"the prompt has {len(ids)} tokens but this model allows at most "
-                       f"{limit - 1} prompt tokens (max_model_len {limit}, which counts prompt and "
-                       "generated tokens)", param="prompt", code="context_length_exceeded")
-    vocab = server.engine.model_config.vocab_size
-    bad = [t for t in ids if t >= vocab]
-    if bad:
-        raise APIError(422, f"token id {bad[0]} is outside the vocabulary [0, {vocab})",
-                       param="prompt", code="invalid_prompt")
-
-
 def check_max_tokens(server: Server, value: int | None, field_name: str) -> None:
+    """A client's explicit cap on new tokens must fit the model's length."""
     if value is not None and value > server.max_model_len:
         raise APIError(422, f"{field_name} must be <= {server.max_model_len} (this model's "
                        f"max_model_len), got {value}", param=field_name, code="invalid_value")
-
-
-def sampling_params(**fields) -> SamplingParams:
-    try:
-        return SamplingParams(**fields)
-    except ValueError as exc:                 # the message names the field
-        raise APIError(422, str(exc), param=str(exc).split(" ", 1)[0], code="invalid_value") from None
 
 
 # -- consuming ----------------------------------------------------------------------------------
@@ -238,12 +210,21 @@ def abort_unfinished(gens: list[Generation], reason: str) -> None:
             gen.abort(reason)
 
 
-def event_stream(events: AsyncIterator[str], gens: list[Generation]) -> StreamingResponse:
-    """An SSE response; whatever its generator leaves unfinished (the client left while an
+def event_stream(request: Request, events: AsyncIterator[str], gens: list[Generation]) -> StreamingResponse:
+    """An SSE response of `events`. A failure after the stream started is its last event, in
+    the route family's error shape; whatever is left unfinished (the client left while an
     event was being sent, or before the first) is aborted once the response ends."""
+    async def guarded() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        except Exception as exc:
+            error = as_api_error(exc, f"stream {info_of(request).request_id}")
+            yield error_event(request.url.path, error)
+
     async def cleanup() -> None:
         abort_unfinished(gens, "client_disconnect")
-    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS,
+    return StreamingResponse(guarded(), media_type="text/event-stream", headers=SSE_HEADERS,
                              background=BackgroundTask(cleanup))
 
 

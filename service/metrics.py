@@ -10,8 +10,16 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
-                               Info, disable_created_metrics, generate_latest)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
 
 disable_created_metrics()         # no `*_created` series: they double the exposition for nothing
 
@@ -62,7 +70,8 @@ class Metrics:
         self.engine_alive = Gauge("engine_alive", "1 while the engine loop runs and makes progress",
                                   namespace=ns, registry=r)
         # Histograms
-        self.request_duration = Histogram("request_duration_seconds", "HTTP request duration (streams: to the last byte)",
+        self.request_duration = Histogram("request_duration_seconds",
+                                          "HTTP request duration (streams: to the last byte)",
                                           ["route"], buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
         self.ttft = Histogram("time_to_first_token_seconds", "arrival to first generated token",
                               buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
@@ -77,7 +86,6 @@ class Metrics:
         self.embed_batch_size = Histogram("embed_batch_size", "inputs per encoder batch",
                                           buckets=SIZE_BUCKETS, namespace=ns, registry=r)
         self.build = Info("build", "version and what is served", namespace=ns, registry=r)
-        self._prefix_seen = (0, 0)
         for gauge in (self.running, self.waiting, self.kv_usage, self.engine_alive):
             gauge.set_function(lambda: 0.0)
 
@@ -93,25 +101,19 @@ class Metrics:
         self.kv_usage.set_function(lambda: float(kv_usage()))
         self.engine_alive.set_function(lambda: 1.0 if alive() else 0.0)
 
-    def start_prefix_counts(self, queries: int, hits: int) -> None:
-        """What the block manager had counted before serving (the warm-up) is not counted."""
-        self._prefix_seen = (queries, hits)
-
     # -- engine thread ------------------------------------------------------------------------
 
-    def observe_step(self, stats, block_manager) -> None:
+    def observe_step(self, stats) -> None:
+        """A StepStats (engine/llm_engine.py): what one step did."""
         self.step_duration.observe(stats.duration_s)
         if stats.num_seqs:
             self.batch_size.observe(stats.num_seqs)
         if stats.num_preempted:
             self.preemptions.inc(stats.num_preempted)
-        queries, hits = block_manager.num_prefix_queries, block_manager.num_prefix_hits
-        seen_queries, seen_hits = self._prefix_seen
-        if queries > seen_queries:
-            self.prefix_queries.inc(queries - seen_queries)
-        if hits > seen_hits:
-            self.prefix_hits.inc(hits - seen_hits)
-        self._prefix_seen = (queries, hits)
+        if stats.num_prefix_queries:
+            self.prefix_queries.inc(stats.num_prefix_queries)
+        if stats.num_prefix_hits:
+            self.prefix_hits.inc(stats.num_prefix_hits)
 
     def observe_embed_batch(self, num_inputs: int, num_tokens: int) -> None:
         self.embed_batch_size.observe(num_inputs)

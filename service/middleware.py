@@ -15,8 +15,8 @@ import re
 import time
 import uuid
 
-from starlette.datastructures import Headers, MutableHeaders
 from fastapi import HTTPException
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import APIError, error_response

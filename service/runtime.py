@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable
 
+from fastapi import Request
+
 from service.errors import APIError
 from service.metrics import Metrics
 from service.settings import Settings
@@ -45,7 +47,7 @@ class Server:
         self.status = "loading"          # loading | ready | draining | failed | stopped
         self.error: str | None = None
         self.on_fatal = on_fatal
-        self.llm = None                  # AsyncLLMEngine
+        self.generator = None            # AsyncLLMEngine
         self.encoders: dict[str, Any] = {}   # "embed" / "classify" -> EncoderEngine
         self.model_id = settings.model or settings.embedding_model or settings.classifier_model
         self.num_admitting = 0           # past the queue check, not yet in the engine
@@ -80,36 +82,33 @@ class Server:
         started = time.monotonic()
         engine = LLMEngine(s.model, s.engine_config())
         _warm_up(engine)
-        self._watch(engine)
+        generator = AsyncLLMEngine(engine)
+        self._watch(generator)
+        limits = generator.limits
         logger.info("loaded %s on %s (%s) in %.1fs: max_model_len %d, %d KV blocks", s.model,
-                    engine.device, str(engine.dtype).removeprefix("torch."),
-                    time.monotonic() - started, engine.max_model_len, engine.block_manager.num_blocks)
-        self.llm = AsyncLLMEngine(engine)
-        self.llm.start()
+                    limits.device, limits.dtype, time.monotonic() - started, limits.max_model_len,
+                    limits.num_blocks)
+        self.generator = generator
+        generator.start()
 
     def _load_encoders(self) -> None:
         """The embedding and classifier models; one engine when both name the same model."""
         from engine.encoder_engine import EncoderEngine
-        from engine.device import resolve_device, resolve_dtype
         s = self.settings
-        device = resolve_device(s.device)
-        dtype = resolve_dtype(s.dtype, device, None)
         by_model: dict[str, Any] = {}
         for task, model in (("embed", s.embedding_model), ("classify", s.classifier_model or s.embedding_model)):
             if model is None:
                 continue
             if model not in by_model:
                 started = time.monotonic()
-                encoder = EncoderEngine(model, device=str(device), dtype=dtype,
-                                        max_batch_tokens=s.max_batch_tokens,
-                                        max_batch_size=s.max_batch_size, batch_wait_ms=s.batch_wait_ms)
+                encoder = EncoderEngine(model, s.encoder_config())
                 encoder.start()
                 encoder.submit_embed(["warm up"]).result()          # one real forward
                 encoder.on_batch = self.metrics.observe_embed_batch
                 by_model[model] = encoder
                 logger.info("loaded encoder %s in %.1fs: max length %d, dimension %d", model,
-                            time.monotonic() - started, encoder.runner.max_length,
-                            encoder.runner.config.hidden_size)
+                            time.monotonic() - started, encoder.limits.max_length,
+                            encoder.limits.hidden_size)
             self.encoders[task] = by_model[model]
 
     def _watch_encoders(self) -> None:
@@ -120,18 +119,16 @@ class Server:
         self.metrics.bind_engine(lambda: 0, lambda: 0, lambda: 0.0,
                                  lambda: all(encoder.is_alive for encoder in encoders))
 
-    def _watch(self, engine) -> None:
-        metrics, blocks = self.metrics, engine.block_manager
-        metrics.start_prefix_counts(blocks.num_prefix_queries, blocks.num_prefix_hits)
-        engine.step_listeners.append(lambda stats: metrics.observe_step(stats, blocks))
-        metrics.set_build(VERSION, self.model_id, str(engine.device),
-                          str(engine.dtype).removeprefix("torch."))
-        metrics.bind_engine(lambda: self.llm.num_running if self.llm else 0,
-                            lambda: self.llm.num_waiting if self.llm else 0,
-                            lambda: blocks.usage,
-                            lambda: self.llm is not None and self.llm.is_alive)
+    def _watch(self, generator) -> None:
+        metrics, limits = self.metrics, generator.limits
+        generator.add_step_listener(metrics.observe_step)
+        metrics.set_build(VERSION, self.model_id, limits.device, limits.dtype)
+        metrics.bind_engine(lambda: generator.stats().num_running,
+                            lambda: generator.stats().num_waiting,
+                            lambda: generator.stats().kv_cache_usage,
+                            lambda: generator.is_alive)
         self.token_text = lru_cache(maxsize=1 << 16)(
-            lambda token_id: engine.tokenizer.decode([token_id], skip_special_tokens=False))
+            lambda token_id: generator.tokenizer.decode([token_id], skip_special_tokens=False))
 
     async def drain(self) -> None:
         """Stop admitting; let running requests finish up to --drain-timeout, abort the rest."""
@@ -144,19 +141,19 @@ class Server:
             self.status = "draining"
         timeout = self.settings.drain_timeout
         logger.info("draining: %d request(s) in flight, up to %.0fs",
-                    self.llm.num_unfinished if self.llm else 0, timeout)
-        if self.llm is not None:
-            if not await self.llm.drain(timeout):
+                    self.generator.num_unfinished if self.generator else 0, timeout)
+        if self.generator is not None:
+            if not await self.generator.drain(timeout):
                 logger.warning("drain timeout: aborted the requests still running")
         for encoder in {id(e): e for e in self.encoders.values()}.values():
             await asyncio.to_thread(encoder.stop, True, timeout)
 
     async def stop(self) -> None:
         await self.drain()
-        if self.llm is not None:
-            self.llm.abort_all()
+        if self.generator is not None:
+            self.generator.abort_all()
             await asyncio.sleep(0.05)    # let the loop deliver the aborts
-            self.llm.stop()
+            self.generator.stop()
         self.status = "stopped"
 
     # -- admission ----------------------------------------------------------------------------
@@ -172,25 +169,29 @@ class Server:
     def require_generator(self) -> None:
         """Ready, and serving a generation model (an encoder-only server has none)."""
         self.require_ready()
-        if self.llm is None:
+        if self.generator is None:
             raise APIError(404, "this server serves no generation model (start it with --model)",
                            param="model", code="model_not_found")
 
     def encoder_ids(self) -> dict[str, str]:
         """task ("embed" / "classify") -> the id of the model serving it, once loaded."""
-        return {task: encoder.runner.model_id for task, encoder in self.encoders.items()}
-
-    @property
-    def engine(self):
-        return self.llm.engine
+        return {task: encoder.limits.model_id for task, encoder in self.encoders.items()}
 
     @property
     def max_model_len(self) -> int:
-        return self.llm.engine.max_model_len
+        return self.generator.limits.max_model_len
 
     @property
     def tokenizer(self):
-        return self.llm.engine.tokenizer
+        return self.generator.tokenizer
+
+
+def server_of(request: Request) -> Server:
+    return request.app.state.server
+
+
+def info_of(request: Request) -> RequestInfo:
+    return request.scope["attnserve.info"]
 
 
 def _warm_up(engine) -> None:

@@ -12,15 +12,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from engine.sampling import MAX_ABS_PENALTY, MAX_REPETITION_PENALTY, MAX_SEED, MAX_TEMPERATURE, MAX_TOP_LOGPROBS
+
+# What the HTTP API allows beyond the engine's own bounds (imported above).
 MAX_STOP = 16                 # stop strings per request
 MAX_STOP_CHARS = 512
 MAX_N = 16                    # completions per prompt
 MAX_PROMPTS = 32              # prompts in one /v1/completions request
-MAX_TOP = 20                  # top logprobs / top_n_tokens
+MAX_TOP = MAX_TOP_LOGPROBS    # top logprobs / top_n_tokens
 MAX_PROMPT_CHARS = 1_000_000
 MAX_PROMPT_IDS = 1_000_000
 MAX_TOKENS_BOUND = 2**31 - 1  # the static bound; the model's own is checked per request
-MAX_SEED = 2**64 - 1
 MAX_MESSAGES = 1024
 
 
@@ -37,12 +39,12 @@ def int_in(ge: int, le: int | None = None):
 
 PositiveInt = int_in(1, MAX_TOKENS_BOUND)
 Seed = int_in(0, MAX_SEED)
-Temperature = Annotated[float, Field(ge=0.0, le=100.0)]
+Temperature = Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 MinP = Annotated[float, Field(ge=0.0, le=1.0)]
 TopK = int_in(-1, MAX_TOKENS_BOUND)
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-RepetitionPenalty = Annotated[float, Field(gt=0.0, le=100.0)]
+Penalty = Annotated[float, Field(ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=MAX_REPETITION_PENALTY)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 TokenId = int_in(0, 2**31 - 1)
 NonEmptyText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
@@ -335,7 +337,8 @@ class TextPart(Strict):
 
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | Annotated[list[TextPart], Field(max_length=256)] | None = None
+    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] \
+        | Annotated[list[TextPart], Field(max_length=256)] | None = None
     name: str | None = None
     tool_call_id: str | None = None
 

@@ -6,13 +6,14 @@ environment form is `ATTNSERVE_API_KEYS`, a comma-separated list (`ATTNSERVE_API
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from typing import Annotated, Any, Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from engine.config import EngineConfig, parse_bytes
+from engine.config import EncoderConfig, EngineConfig, parse_bytes
 
 ENV_PREFIX = "ATTNSERVE_"
 _NO_MODEL = ("", "none", "null", "off")
@@ -38,6 +39,11 @@ _HELP = {
 }
 
 
+def _default(config: type, name: str) -> Any:
+    """A setting's default is its engine config's: one place for each."""
+    return next(f.default for f in dataclasses.fields(config) if f.name == name)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True,
                                       protected_namespaces=())
@@ -48,25 +54,25 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_keys: Annotated[list[str], NoDecode] = []
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantization: Literal["int8"] | None = None
-    max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int = Field(512, ge=1)
-    block_size: int = Field(16, ge=1)
-    kv_cache_memory: int | None = None
-    max_model_len: int | None = Field(None, ge=2)
+    device: str = _default(EngineConfig, "device")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _default(EngineConfig, "dtype")
+    quantization: Literal["int8"] | None = _default(EngineConfig, "quantization")
+    max_num_seqs: int = Field(_default(EngineConfig, "max_num_seqs"), ge=1)
+    max_num_batched_tokens: int = Field(_default(EngineConfig, "max_num_batched_tokens"), ge=1)
+    block_size: int = Field(_default(EngineConfig, "block_size"), ge=1)
+    kv_cache_memory: int | None = _default(EngineConfig, "kv_cache_memory")
+    max_model_len: int | None = Field(_default(EngineConfig, "max_model_len"), ge=2)
     max_queue: int = Field(256, ge=1)
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = _default(EngineConfig, "enable_prefix_caching")
     drain_timeout: float = Field(30.0, ge=0)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_prompts: bool = False
     max_body_bytes: int = Field(4 * 2**20, ge=0)
     read_timeout: float = Field(60.0, ge=0)
     cors_origins: Annotated[list[str], NoDecode] = []
-    max_batch_tokens: int = Field(16384, ge=1)
-    max_batch_size: int = Field(128, ge=1)
-    batch_wait_ms: float = Field(2.0, ge=0)
+    max_batch_tokens: int = Field(_default(EncoderConfig, "max_batch_tokens"), ge=1)
+    max_batch_size: int = Field(_default(EncoderConfig, "max_batch_size"), ge=1)
+    batch_wait_ms: float = Field(_default(EncoderConfig, "batch_wait_ms"), ge=0)
 
     @field_validator("model", "embedding_model", "classifier_model", "quantization", mode="before")
     @classmethod
@@ -115,6 +121,12 @@ class Settings(BaseSettings):
             kv_cache_memory=self.kv_cache_memory, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
             enable_prefix_caching=self.enable_prefix_caching, quantization=self.quantization)
+
+    def encoder_config(self) -> EncoderConfig:
+        """The encoders these flags describe."""
+        return EncoderConfig(
+            device=self.device, dtype=self.dtype, max_batch_tokens=self.max_batch_tokens,
+            max_batch_size=self.max_batch_size, batch_wait_ms=self.batch_wait_ms)
 
     def __repr__(self) -> str:                # keys never reach logs
         shown = {k: ("***" if k == "api_keys" and v else v) for k, v in self.model_dump().items()}

@@ -26,9 +26,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from service_helpers import REPO, ServerProcess  # noqa: E402
+
 from engine import llm_engine, sampling  # noqa: E402
 from engine.outputs import CompletionState  # noqa: E402
-from service_helpers import REPO, ServerProcess  # noqa: E402
 
 FAULTS = ("raise", "nan", "detok", "slow")
 

@@ -26,7 +26,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from service_helpers import API_KEY, EMBEDDING_MODEL, REPO, ServerProcess, free_port, shared_server
 
 DEPLOY = REPO / "deploy"

@@ -174,6 +174,7 @@ def tiny_classifier(request) -> str:
     if not _classifier:
         import torch
         import transformers
+
         from engine.loader import resolve_model_path
         directory = Path(tempfile.mkdtemp(prefix="attnserve-classifier-"))
         request.config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))

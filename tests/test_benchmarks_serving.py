@@ -6,10 +6,10 @@ import asyncio
 import json
 
 import pytest
+from conftest import save_tiny_checkpoint
 
 from benchmarks import serving
 from benchmarks.peers.clients import RequestRecord, chunk_text, closed_loop, parse_event
-from conftest import save_tiny_checkpoint
 from tests.service_helpers import NO_ENCODER, TINY_ARGS, ServerProcess
 
 PROMPTS = ["The cat sat on the mat.", "def add(a, b):", "Once upon a time there was",

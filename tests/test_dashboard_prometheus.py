@@ -7,7 +7,6 @@ import math
 import re
 
 import pytest
-
 from observability import DASHBOARD, DESIGN_METRICS, observed_load
 
 # Panels that may truthfully stay at zero through a healthy load.

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from observability import DASHBOARD, PROMETHEUS_CONFIG, in_ci, observed_server
-from service.settings import Settings, load_settings
 from service_helpers import REPO, ServerProcess, free_port
+
+from service.settings import Settings, load_settings
 
 GRAFANA = REPO / "deploy" / "grafana"
 

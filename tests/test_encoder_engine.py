@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from engine.encoder_engine import (Encoder, EncoderEngine, EncoderError, EngineStoppedError, length_buckets,
-                                   InputTooLongError, QueueFullError)
+from engine.encoder_engine import Encoder, EncoderEngine, length_buckets
+from engine.errors import EngineStoppedError, InvalidParameter, PromptTooLongError, QueueFullError
 from engine.loader import resolve_model_path
 
 MODEL = "all-minilm-l6-v2"
@@ -128,7 +128,7 @@ def test_normalize_flag(encoder):
 def test_truncation(encoder):
     text = "word " * 400
     num_tokens = len(encoder.tokenize(text))
-    with pytest.raises(InputTooLongError, match=f"{num_tokens} tokens.*maximum of 256"):
+    with pytest.raises(PromptTooLongError, match=f"{num_tokens} tokens.*maximum of 256"):
         encoder.embed(text)
     ids = encoder.tokenize(text)
     expected = encoder.embed([ids[:255] + ids[-1:]])
@@ -147,13 +147,13 @@ def test_truncation(encoder):
     ([[]], "input 0 must be a non-empty"),
 ])
 def test_bad_inputs(encoder, inputs, message):
-    with pytest.raises(EncoderError, match=message):
+    with pytest.raises(InvalidParameter, match=message):
         encoder.embed(inputs)
 
 
 def test_engine_limits(make_engine):
     engine = make_engine(max_inputs_per_request=4, max_queue=8)
-    with pytest.raises(EncoderError, match="5 inputs in one request; the limit is 4"):
+    with pytest.raises(InvalidParameter, match="5 inputs in one request; the limit is 4"):
         engine.submit_embed(["x"] * 5)
     release = threading.Event()
     run = engine.runner.run
@@ -226,12 +226,12 @@ def test_zero_shot_by_candidate_labels(encoder):
         assert scores[0]["label"] == expected
         assert [s["score"] for s in scores] == sorted((s["score"] for s in scores), reverse=True)
         assert abs(sum(s["score"] for s in scores) - 1) < 1e-5
-    with pytest.raises(EncoderError, match="candidate_labels"):
+    with pytest.raises(InvalidParameter, match="candidate_labels"):
         encoder.classify("x", candidate_labels=["a", "a"])
 
 
 def test_classification_needs_a_head_or_labels(encoder):
-    with pytest.raises(EncoderError, match="no classification head.*candidate_labels"):
+    with pytest.raises(InvalidParameter, match="no classification head.*candidate_labels"):
         encoder.classify(["hello"])
 
 

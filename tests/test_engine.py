@@ -5,8 +5,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import tiny_hf_model
+
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.llm_engine import LLM
 
@@ -124,7 +124,7 @@ def test_eviction_under_pressure_keeps_results_correct(tiny_llama):
     # Most recently run first: their blocks survived eviction and are hit.
     again = run_with_random_arrivals(small, {f"again-{k}": v for k, v in reversed(prompts.items())}, seed=1)
     assert all(again[f"again-{k}"] == first[k] for k in prompts)
-    assert small.block_manager.num_prefix_hits > 0
+    assert small.counters.num_prefix_hits > 0
 
 
 def test_aborts_mid_prefill_and_mid_decode_leak_no_blocks(tiny_llama):

@@ -1,8 +1,9 @@
 """The block manager: allocation, prefix caching, copy-on-write forks, and its invariants
 under random operation sequences (hypothesis)."""
-from hypothesis import given, settings, strategies as st
-
 from conftest import make_seq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from engine.kv_cache import BlockManager
 
 

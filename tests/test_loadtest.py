@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from observability import LOAD, observed_load
 
 ROUTES = ("/generate", "/generate_stream", "/v1/chat/completions", "/embed")

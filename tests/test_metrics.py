@@ -9,12 +9,11 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from observability import DESIGN_METRICS, observed_server
-from service.metrics import (LATENCY_BUCKETS, SIZE_BUCKETS, STEP_BUCKETS, TOKEN_LATENCY_BUCKETS,
-                             Metrics)
+from prometheus_client.parser import text_string_to_metric_families
 from service_helpers import sse_events
+
+from service.metrics import LATENCY_BUCKETS, SIZE_BUCKETS, STEP_BUCKETS, TOKEN_LATENCY_BUCKETS, Metrics
 
 
 def families(text: str) -> dict[str, tuple[str, tuple[str, ...]]]:
@@ -49,14 +48,12 @@ def test_buckets_span_llm_latencies():
         assert list(buckets) == sorted(set(buckets))
 
 
-def test_step_observation_counts_deltas_after_warm_up():
+def test_step_observation_counts_what_each_step_did():
     metrics = Metrics()
-    blocks = SimpleNamespace(num_prefix_queries=40, num_prefix_hits=16)
-    metrics.start_prefix_counts(40, 16)              # the warm-up's lookups are not counted
-    stats = SimpleNamespace(duration_s=0.02, num_seqs=3, num_preempted=1)
-    metrics.observe_step(stats, blocks)
-    blocks.num_prefix_queries, blocks.num_prefix_hits = 100, 48
-    metrics.observe_step(SimpleNamespace(duration_s=0.01, num_seqs=0, num_preempted=0), blocks)
+    metrics.observe_step(SimpleNamespace(duration_s=0.02, num_seqs=3, num_preempted=1,
+                                         num_prefix_queries=0, num_prefix_hits=0))
+    metrics.observe_step(SimpleNamespace(duration_s=0.01, num_seqs=0, num_preempted=0,
+                                         num_prefix_queries=60, num_prefix_hits=32))
     text = metrics.render().decode()
     value = lambda name: next(s.value for f in text_string_to_metric_families(text)   # noqa: E731
                               for s in f.samples if s.name == name)

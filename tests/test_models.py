@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import save_tiny_checkpoint, tiny_hf_model
 from safetensors.torch import load_file, save_file
 
-from conftest import save_tiny_checkpoint, tiny_hf_model
 from engine.layers.attention import build_attn_metadata
 from engine.loader import CheckpointError, build_model, open_checkpoint
 from tests.gguf_writer import write_gguf

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.layers.linear import MergedLinear
 from engine.device import cpu_features
+from engine.layers.linear import MergedLinear
 from engine.quantization import INT8_KERNEL_MAX_ROWS, Int8Linear, quantize_int8
 from service.settings import load_settings
 

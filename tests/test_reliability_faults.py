@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-
 from fault_server import FaultServer
 from service_helpers import NO_ENCODER, ServerProcess
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from service_helpers import API_KEY, EMBEDDING_MODEL, TINY_ARGS, ServerProcess, tiny_classifier
 
 EXAMPLES = int(os.environ.get("ATTNSERVE_FUZZ_EXAMPLES", "25"))

@@ -17,7 +17,6 @@ import time
 
 import httpx
 import pytest
-
 from service_helpers import API_KEY, NO_ENCODER, TINY_ARGS, ServerProcess, main_server
 
 CANARY = {"inputs": "The cat sat on the", "parameters": {"max_new_tokens": 4, "ignore_eos": True}}

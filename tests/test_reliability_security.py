@@ -15,7 +15,6 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-
 from fault_server import FaultServer
 from service_helpers import EMBEDDING_MODEL, TINY_ARGS
 
@@ -54,8 +53,8 @@ def server(tiny_llama, tmp_path_factory):
 
 
 def served_routes() -> set[tuple[str, str]]:
-    from service.routes import admin, native, openai
-    return {(method, route.path) for router in (native.router, openai.router, admin.router)
+    from service.routes import admin, openai, tei, tgi
+    return {(method, route.path) for router in (tgi.router, tei.router, openai.router, admin.router)
             for route in router.routes for method in route.methods}
 
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from service_helpers import REPO
 
 pytestmark = pytest.mark.slow

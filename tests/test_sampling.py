@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 
-from engine.sampling import (SampleRequest, Sampler, SamplingParams, apply_min_p, apply_penalties,
-                             apply_top_k, apply_top_p)
+from engine.sampling import (
+    Sampler,
+    SampleRequest,
+    SamplingParams,
+    apply_min_p,
+    apply_penalties,
+    apply_top_k,
+    apply_top_p,
+)
 
 VOCAB = 50
 
@@ -74,8 +81,7 @@ def test_top_k_top_p_min_p_match_the_reference(logits):
 
 
 def test_filters_agree_with_transformers_logits_processors(logits):
-    from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
-                              TopPLogitsWarper)
+    from transformers import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
     ids = torch.tensor([[1, 2, 3, 3, 3, 4]])
     row = logits[:1]
     assert torch.equal(apply_top_k(row, [7]), TopKLogitsWarper(7)(ids, row.clone()))

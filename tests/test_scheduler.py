@@ -1,5 +1,6 @@
 """The scheduler on the CPU with no model: fake sampled tokens drive it (vLLM's way)."""
 from conftest import make_scheduler, make_seq
+
 from engine.sequence import SequenceStatus
 
 
@@ -117,12 +118,12 @@ def test_prefix_lookups_are_counted_once_per_admission_not_per_blocked_attempt()
     s = make_scheduler(num_blocks=4, block_size=4, max_num_batched_tokens=64)
     hog = make_seq(0, 12)
     s.add(hog)
-    run_step(s)                                   # 3 of 4 blocks (4 with its next token)
+    queries = run_step(s).num_prefix_queries      # 3 of 4 blocks (4 with its next token)
     blocked = make_seq(1, 8)
     s.add(blocked)
     for _ in range(3):
-        run_step(s)                               # cannot be admitted: no blocks
-    assert s.block_manager.num_prefix_queries == 12
+        queries += run_step(s).num_prefix_queries  # cannot be admitted: no blocks
+    assert queries == 12
     s.finish(hog, SequenceStatus.FINISHED_STOPPED)
-    run_step(s)
-    assert s.block_manager.num_prefix_queries == 12 + 8
+    queries += run_step(s).num_prefix_queries
+    assert queries == 12 + 8

@@ -7,7 +7,6 @@ import json
 import pytest
 from huggingface_hub import InferenceClient
 from openai import OpenAI
-
 from service_helpers import API_KEY, EMBEDDING_MODEL, LABELS, main_server, sse_events
 
 PROMPT = "The cat sat on the"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 from service_helpers import EMBEDDING_MODEL, ServerProcess
 
 

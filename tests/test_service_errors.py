@@ -9,7 +9,6 @@ import openai
 import pytest
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError as HubValidationError
-
 from service_helpers import API_KEY, main_server
 
 

@@ -10,7 +10,6 @@ import time
 import httpx
 import openai
 import pytest
-
 from service_helpers import NO_ENCODER, TINY_ARGS, ServerProcess, main_server, sse_events
 
 LONG = {"max_new_tokens": 450, "ignore_eos": True}       # seconds on a CPU: never waited for

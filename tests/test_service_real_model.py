@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from huggingface_hub import InferenceClient
 from openai import OpenAI
-
 from service_helpers import ServerProcess
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 gguf = pytest.importorskip("gguf")
 sentencepiece = pytest.importorskip("sentencepiece")

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kv_cache import ceil_div
+
 
 @dataclass(frozen=True, slots=True)
 class AttnGroup:
@@ -198,7 +200,7 @@ def build_attn_metadata(
         if not indices:
             return None
         if block_tables is not None:
-            tables = [block_tables[i][: _ceil_div(seq_lens[i], block_size)] for i in indices]
+            tables = [block_tables[i][: ceil_div(seq_lens[i], block_size)] for i in indices]
         else:
             tables = [list(range(starts[i], starts[i] + query_lens[i])) for i in indices]
         return _build_group(indices, query_lens, seq_lens, starts, tables, block_size,
@@ -245,7 +247,3 @@ def _cumsum(values: Sequence[int]) -> list[int]:
         total += v
         out.append(total)
     return out
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)

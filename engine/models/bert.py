@@ -11,7 +11,6 @@ reads that into a `PoolingConfig`.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,27 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import ModelConfig, UnsupportedModelError
+from engine.config import ModelConfig, UnsupportedModelError, read_json_file
+from engine.layers.activations import activation
 from engine.layers.attention import Attention, AttnMetadata
 from engine.layers.linear import MergedLinear
 
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
 # architecture -> head: "pooler" (BertModel), "classifier", "mlm"
 HEADS = {"BertModel": "pooler", "BertForSequenceClassification": "classifier",
          "BertForMaskedLM": "mlm", "BertForPreTraining": "mlm"}
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len", "lasttoken")
-
-
-def activation(name: str):
-    if name not in ACTIVATIONS:
-        raise UnsupportedModelError(f"BERT activation {name!r} is not supported "
-                                    f"(supported: {', '.join(ACTIVATIONS)})")
-    return ACTIVATIONS[name]
 
 
 class BertEmbeddings(nn.Module):
@@ -98,7 +85,7 @@ class BertIntermediate(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = activation(config.hidden_act)
+        self.act = activation(config.hidden_act, "BERT")
 
     def forward(self, x):
         return self.act(self.dense(x))
@@ -149,7 +136,7 @@ class BertMLMHead(nn.Module):
         self.transform = nn.ModuleDict({
             "dense": nn.Linear(config.hidden_size, config.hidden_size),
             "LayerNorm": nn.LayerNorm(config.hidden_size, eps=config.norm_eps)})
-        self.act = activation(config.hidden_act)
+        self.act = activation(config.hidden_act, "BERT")
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden, word_embeddings: torch.Tensor):
@@ -264,10 +251,10 @@ def read_pooling_config(directory: Path) -> PoolingConfig:
     """Read a sentence-transformers directory; a plain HF directory gets mean pooling, as
     sentence-transformers itself gives a model it wraps."""
     directory = Path(directory)
-    st_config = _read_json(directory / "sentence_bert_config.json") or {}
+    st_config = read_json_file(directory / "sentence_bert_config.json")
     fields = dict(max_seq_length=st_config.get("max_seq_length"),
                   lowercase=bool(st_config.get("do_lower_case", False)))
-    modules = _read_json(directory / "modules.json")
+    modules = read_json_file(directory / "modules.json")
     if not modules:
         return PoolingConfig(**fields)
     kinds = {m["type"].rsplit(".", 1)[-1]: m for m in modules}
@@ -277,7 +264,7 @@ def read_pooling_config(directory: Path) -> PoolingConfig:
                                     f"not supported (supported: {', '.join(_KNOWN_MODULES)})")
     mode = "mean"
     if "Pooling" in kinds:
-        pooling = _read_json(directory / kinds["Pooling"].get("path", "") / "config.json") or {}
+        pooling = read_json_file(directory / kinds["Pooling"].get("path", "") / "config.json")
         modes = [_POOLING_KEYS[k] for k, on in pooling.items() if k in _POOLING_KEYS and on]
         if len(modes) != 1:
             raise UnsupportedModelError(f"{directory}: pooling must be exactly one mode, got {modes}")
@@ -285,5 +272,3 @@ def read_pooling_config(directory: Path) -> PoolingConfig:
     return PoolingConfig(mode=mode, normalize="Normalize" in kinds, **fields)
 
 
-def _read_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None

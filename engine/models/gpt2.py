@@ -10,15 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.layers.activations import activation
 from engine.layers.attention import Attention, AttnMetadata
-
-ACTIVATIONS = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "relu": F.relu,
-}
 
 
 class GPT2Attention(nn.Module):
@@ -39,10 +32,7 @@ class GPT2MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.hidden_size, config.intermediate_size)
         self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size)
-        if config.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"GPT-2 activation {config.hidden_act!r} is not supported "
-                             f"(supported: {', '.join(ACTIVATIONS)})")
-        self.act = ACTIVATIONS[config.hidden_act]
+        self.act = activation(config.hidden_act, "GPT-2")
 
     def forward(self, x):
         return self.c_proj(self.act(self.c_fc(x)))

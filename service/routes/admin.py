@@ -5,8 +5,7 @@ from fastapi import APIRouter, Request, Response
 
 from service.errors import APIError, openapi_errors
 from service.metrics import CONTENT_TYPE
-from service.routes.native import server_of
-from service.runtime import VERSION
+from service.runtime import VERSION, server_of
 from service.schemas import MAX_STOP, Health, Info
 
 router = APIRouter(tags=["operations"])
@@ -32,7 +31,7 @@ async def ready(request: Request):
 
 
 def _require_alive(server) -> None:
-    if server.llm is not None and not server.llm.is_alive:
+    if server.generator is not None and not server.generator.is_alive:
         raise APIError(503, "the engine loop is not running or is stuck")
     for task, encoder in server.encoders.items():
         if not encoder.is_alive and server.status == "ready":
@@ -43,30 +42,31 @@ def _require_alive(server) -> None:
             summary="Model, limits and live engine state (TGI-style)")
 async def info(request: Request):
     server = server_of(request)
-    if server.status in ("loading", "failed") or (server.llm is None and not server.encoders):
+    if server.status in ("loading", "failed") or (server.generator is None and not server.encoders):
         server.require_ready()                  # (the latter: stopping before anything loaded)
     encoders = server.encoder_ids()
     settings = server.settings
     common = {"model_id": server.model_id, "max_queue": settings.max_queue, "version": VERSION,
               "max_batch_tokens": settings.max_batch_tokens, "max_batch_size": settings.max_batch_size,
               "embedding_model_id": encoders.get("embed"), "classifier_model_id": encoders.get("classify")}
-    if server.llm is None:                    # encoder-only: TEI's answer, generation fields null
-        runner = next(iter(server.encoders.values())).runner
-        return {**common, "model_dtype": str(runner.dtype).removeprefix("torch."),
-                "model_device_type": runner.device.type, "model_pipeline_tag": "feature-extraction",
-                "max_input_tokens": runner.max_length}
-    engine = server.engine
-    blocks = engine.block_manager
+    if server.generator is None:              # encoder-only: TEI's answer, generation fields null
+        limits = next(iter(server.encoders.values())).limits
+        return {**common, "model_dtype": limits.dtype, "model_device_type": _device_type(limits.device),
+                "model_pipeline_tag": "feature-extraction", "max_input_tokens": limits.max_length}
+    limits, stats = server.generator.limits, server.generator.stats()
     return {
-        **common, "model_dtype": str(engine.dtype).removeprefix("torch."),
-        "model_device_type": engine.device.type, "max_input_tokens": engine.max_model_len - 1,
-        "max_total_tokens": engine.max_model_len, "max_model_len": engine.max_model_len,
-        "max_new_tokens_default": 100, "block_size": engine.config.block_size,
-        "num_blocks": blocks.num_blocks, "num_free_blocks": blocks.num_free_blocks,
-        "kv_cache_usage": blocks.usage, "num_requests_running": server.llm.num_running,
-        "num_requests_waiting": server.llm.num_waiting, "max_num_seqs": engine.config.max_num_seqs,
-        "max_stop_sequences": MAX_STOP, "max_best_of": 1,
+        **common, "model_dtype": limits.dtype, "model_device_type": _device_type(limits.device),
+        "max_input_tokens": limits.max_prompt_len, "max_total_tokens": limits.max_model_len,
+        "max_model_len": limits.max_model_len, "max_new_tokens_default": 100,
+        "block_size": limits.block_size, "num_blocks": limits.num_blocks,
+        "num_free_blocks": stats.num_free_blocks, "kv_cache_usage": stats.kv_cache_usage,
+        "num_requests_running": stats.num_running, "num_requests_waiting": stats.num_waiting,
+        "max_num_seqs": limits.max_num_seqs, "max_stop_sequences": MAX_STOP, "max_best_of": 1,
     }
+
+
+def _device_type(device: str) -> str:
+    return device.split(":", 1)[0]                  # "cuda:0" -> "cuda"
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus text exposition",

@@ -9,24 +9,30 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import math
 import time
 import uuid
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request
 
 from engine.outputs import CompletionOutput, GeneratedToken
-from service.encoding import encode, encoder_for, submit_embed
-from service.errors import APIError, error_event, openapi_errors
-from service.generation import (ClientGone, Generation, admit, check_max_tokens, collect, event_stream, merge,
-                                sampling_params)
-from service.routes.native import info_of, server_of
-from service.runtime import VERSION, Server
-from service.schemas import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest,
-                             EmbeddingRequest, EmbeddingResponse, ModelList, SamplingFields)
+from engine.sampling import SamplingParams
+from service.embeddings import encode, encoder_for, submit_embed
+from service.errors import APIError, openapi_errors
+from service.generation import Generation, admit, check_max_tokens, collect, event_stream, merge
+from service.runtime import VERSION, Server, info_of, server_of
+from service.schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ModelList,
+    SamplingFields,
+    StreamOptions,
+)
 
-logger = logging.getLogger("service")
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
 
 FINGERPRINT = f"attnserve-{VERSION}"
@@ -44,12 +50,8 @@ def check_model(server: Server, model: str | None, served: str | None = None) ->
 
 
 def _sampling(server: Server, body: SamplingFields, max_tokens: int | None, logprobs: int | None):
-    max_num_seqs = server.engine.config.max_num_seqs
-    if body.n > max_num_seqs:                 # the engine schedules a request's n sequences together
-        raise APIError(422, f"n must be <= {max_num_seqs} (this server's --max-num-seqs), got {body.n}",
-                       param="n", code="invalid_value")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    return sampling_params(
+    return SamplingParams(
         max_tokens=max_tokens or server.max_model_len,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
@@ -60,7 +62,7 @@ def _sampling(server: Server, body: SamplingFields, max_tokens: int | None, logp
         repetition_penalty=body.repetition_penalty or 1.0, logprobs=logprobs)
 
 
-def _finite(x: float) -> float:
+def logprob_or_floor(x: float) -> float:
     return x if math.isfinite(x) else -9999.0       # OpenAI's floor for "impossible"
 
 
@@ -79,16 +81,57 @@ def _check_finished(c: CompletionOutput) -> None:
         raise APIError(503, "the server is shutting down; the request was aborted before it finished")
 
 
+class ChunkStream:
+    """What every OpenAI stream shares: one chunk object per event (usage in each with
+    continuous_usage_stats), the completions that still have something to say, and the
+    closing usage chunk and `[DONE]`. Choices are indexed generation * n + completion."""
+
+    def __init__(self, obj: str, head: dict, gens: list[Generation], n: int, options: StreamOptions | None):
+        self.obj, self.head, self.gens, self.n = obj, head, gens, n
+        self.include_usage = options is not None and options.include_usage
+        self.continuous = options is not None and options.continuous_usage_stats
+        self.num_generated = 0
+
+    def chunk(self, choice: dict) -> str:
+        event = {"object": self.obj, **self.head, "choices": [choice]}
+        if self.include_usage:
+            event["usage"] = _usage(self.gens, self.num_generated) if self.continuous else None
+        return _sse(event)
+
+    async def updates(self, wants_tokens: bool):
+        """(choice index, completion output) for each completion with new text, a finish, or
+        (wants_tokens) new tokens; nothing after a completion's finish."""
+        done: set[int] = set()
+        async for g, out in merge(self.gens):
+            for c in out.outputs:
+                index = g * self.n + c.index
+                if index in done:
+                    continue
+                _check_finished(c)
+                self.num_generated += len(c.new_tokens)
+                if not (c.delta_text or c.finish_reason or (wants_tokens and c.new_tokens)):
+                    continue
+                if c.finish_reason:
+                    done.add(index)
+                yield index, c
+
+    def closing(self):
+        if self.include_usage:
+            yield _sse({"object": self.obj, **self.head, "choices": [],
+                        "usage": _usage(self.gens, self.num_generated)})
+        yield "data: [DONE]\n\n"
+
+
 # -- completions -------------------------------------------------------------------------------
 
 def completion_logprobs(server: Server, tokens: list[GeneratedToken], offset: int) -> dict:
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for t in tokens:
         out["tokens"].append(server.token_text(t.id))
-        out["token_logprobs"].append(_finite(t.logprob))
+        out["token_logprobs"].append(logprob_or_floor(t.logprob))
         top: dict[str, float] = {}
         for i, lp in t.top_logprobs or []:      # most likely first; two ids may print alike
-            top.setdefault(server.token_text(i), _finite(lp))
+            top.setdefault(server.token_text(i), logprob_or_floor(lp))
         out["top_logprobs"].append(top or None)
         out["text_offset"].append(offset)
         offset += len(t.text)
@@ -135,11 +178,8 @@ async def completions(body: CompletionRequest, request: Request):
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT}
     if body.stream:
-        return event_stream(_completion_events(request, body, gens, head), gens)
-    try:
-        results = await collect(request, gens)
-    except ClientGone:
-        return Response(status_code=499)
+        return event_stream(request, _completion_events(request, body, gens, head), gens)
+    results = await collect(request, gens)
     choices, num_generated = [], 0
     for g, (gen, result) in enumerate(zip(gens, results)):
         prefix, prompt_logprobs = _echo(server, gen, body.logprobs is not None) if body.echo else ("", None)
@@ -155,52 +195,24 @@ async def completions(body: CompletionRequest, request: Request):
 
 async def _completion_events(request: Request, body: CompletionRequest, gens: list[Generation], head: dict):
     server = server_of(request)
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
-    continuous = body.stream_options is not None and body.stream_options.continuous_usage_stats
+    stream = ChunkStream("text_completion", head, gens, body.n, body.stream_options)
     offsets: dict[int, int] = {}
-    done: set[int] = set()
-    num_generated = 0
-
-    def chunk(choice: dict) -> str:
-        event = {"object": "text_completion", **head, "choices": [choice]}
-        if include_usage:
-            event["usage"] = _usage(gens, num_generated) if continuous else None
-        return _sse(event)
-
-    try:
-        if body.echo:
-            for g, gen in enumerate(gens):
-                text, logprobs = _echo(server, gen, body.logprobs is not None)
-                for i in range(body.n):
-                    offsets[g * body.n + i] = len(text)
-                    yield chunk({"index": g * body.n + i, "text": text, "logprobs": logprobs, "finish_reason": None})
-        async for g, out in merge(gens):
-            for c in out.outputs:
-                index = g * body.n + c.index
-                if index in done:
-                    continue
-                _check_finished(c)
-                num_generated += len(c.new_tokens)
-                wants_logprobs = body.logprobs is not None and c.new_tokens
-                if not (c.delta_text or c.finish_reason or wants_logprobs):
-                    continue
-                logprobs = None
-                if body.logprobs is not None:
-                    logprobs = completion_logprobs(server, c.new_tokens, offsets.get(index, 0))
-                offsets[index] = offsets.get(index, 0) + sum(len(t.text) for t in c.new_tokens)
-                if c.finish_reason:
-                    done.add(index)
-                yield chunk({"index": index, "text": c.delta_text, "logprobs": logprobs,
-                             "finish_reason": c.finish_reason})
-        if include_usage:
-            yield _sse({"object": "text_completion", **head, "choices": [],
-                        "usage": _usage(gens, num_generated)})
-        yield "data: [DONE]\n\n"
-    except APIError as exc:
-        yield error_event(request.url.path, exc)
-    except Exception:
-        logger.exception("stream %s failed", info_of(request).request_id)
-        yield error_event(request.url.path, APIError(500, "internal server error (logged)"))
+    if body.echo:
+        for g, gen in enumerate(gens):
+            text, logprobs = _echo(server, gen, body.logprobs is not None)
+            for i in range(body.n):
+                offsets[g * body.n + i] = len(text)
+                yield stream.chunk({"index": g * body.n + i, "text": text, "logprobs": logprobs,
+                                    "finish_reason": None})
+    async for index, c in stream.updates(wants_tokens=body.logprobs is not None):
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = completion_logprobs(server, c.new_tokens, offsets.get(index, 0))
+        offsets[index] = offsets.get(index, 0) + sum(len(t.text) for t in c.new_tokens)
+        yield stream.chunk({"index": index, "text": c.delta_text, "logprobs": logprobs,
+                            "finish_reason": c.finish_reason})
+    for event in stream.closing():
+        yield event
 
 
 # -- chat --------------------------------------------------------------------------------------
@@ -208,7 +220,7 @@ async def _completion_events(request: Request, body: CompletionRequest, gens: li
 def chat_logprobs(server: Server, tokens: list[GeneratedToken]) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
         text = server.token_text(token_id)
-        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": logprob_or_floor(logprob), "bytes": list(text.encode("utf-8"))}
     return {"content": [{**entry(t.id, t.logprob),
                          "top_logprobs": [entry(i, lp) for i, lp in (t.top_logprobs or [])]}
                         for t in tokens]}
@@ -247,11 +259,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT}
     if body.stream:
-        return event_stream(_chat_events(request, body, gen, head), [gen])
-    try:
-        (result,) = await collect(request, [gen])
-    except ClientGone:
-        return Response(status_code=499)
+        return event_stream(request, _chat_events(request, body, gen, head), [gen])
+    (result,) = await collect(request, [gen])
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "logprobs": chat_logprobs(server, result.tokens[c.index]) if body.logprobs else None,
                 "finish_reason": c.finish_reason} for c in result.output.outputs]
@@ -261,44 +270,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
 async def _chat_events(request: Request, body: ChatCompletionRequest, gen: Generation, head: dict):
     server = server_of(request)
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
-    continuous = body.stream_options is not None and body.stream_options.continuous_usage_stats
-    done: set[int] = set()
-    num_generated = 0
-
-    def chunk(choice: dict) -> str:
-        event = {"object": "chat.completion.chunk", **head, "choices": [choice]}
-        if include_usage:
-            event["usage"] = _usage([gen], num_generated) if continuous else None
-        return _sse(event)
-
-    try:
-        for i in range(body.n):
-            yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None})
-        async for _, out in merge([gen]):
-            for c in out.outputs:
-                if c.index in done:
-                    continue
-                _check_finished(c)
-                num_generated += len(c.new_tokens)
-                wants_logprobs = body.logprobs and c.new_tokens
-                if not (c.delta_text or c.finish_reason or wants_logprobs):
-                    continue
-                if c.finish_reason:
-                    done.add(c.index)
-                delta = {"content": c.delta_text} if c.delta_text or not c.finish_reason else {}
-                yield chunk({"index": c.index, "delta": delta, "finish_reason": c.finish_reason,
-                             "logprobs": chat_logprobs(server, c.new_tokens) if body.logprobs else None})
-        if include_usage:
-            yield _sse({"object": "chat.completion.chunk", **head, "choices": [],
-                        "usage": _usage([gen], num_generated)})
-        yield "data: [DONE]\n\n"
-    except APIError as exc:
-        yield error_event(request.url.path, exc)
-    except Exception:
-        logger.exception("stream %s failed", info_of(request).request_id)
-        yield error_event(request.url.path, APIError(500, "internal server error (logged)"))
+    stream = ChunkStream("chat.completion.chunk", head, [gen], body.n, body.stream_options)
+    for i in range(body.n):
+        yield stream.chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None})
+    async for index, c in stream.updates(wants_tokens=body.logprobs):
+        delta = {"content": c.delta_text} if c.delta_text or not c.finish_reason else {}
+        yield stream.chunk({"index": index, "delta": delta, "finish_reason": c.finish_reason,
+                            "logprobs": chat_logprobs(server, c.new_tokens) if body.logprobs else None})
+    for event in stream.closing():
+        yield event
 
 
 # -- embeddings --------------------------------------------------------------------------------
@@ -307,16 +288,12 @@ async def _chat_events(request: Request, body: ChatCompletionRequest, gen: Gener
              summary="Embeddings (OpenAI), L2-normalized")
 async def embeddings(body: EmbeddingRequest, request: Request):
     server = server_of(request)
-    encoder = encoder_for(server, "embed")
-    model = check_model(server, body.model, encoder.runner.model_id)
-    dimension = encoder.runner.config.hidden_size
-    if body.dimensions is not None and body.dimensions != dimension:
-        raise APIError(422, f"dimensions: this model's embeddings have {dimension} dimensions, "
+    limits = encoder_for(server, "embed").limits
+    model = check_model(server, body.model, limits.model_id)
+    if body.dimensions is not None and body.dimensions != limits.hidden_size:
+        raise APIError(422, f"dimensions: this model's embeddings have {limits.hidden_size} dimensions, "
                        f"got {body.dimensions}", param="dimensions", code="invalid_value")
-    try:
-        output = await encode(request, server, info_of(request), "embed", submit_embed, body.input, True, False)
-    except ClientGone:
-        return Response(status_code=499)
+    output = await encode(request, "embed", submit_embed, body.input, True, False)
     data = [{"object": "embedding", "index": i,
              "embedding": _base64(vector) if body.encoding_format == "base64" else vector}
             for i, vector in enumerate(output.data)]
@@ -337,7 +314,7 @@ async def models(request: Request):
     server = server_of(request)
     created = server.started_at
     cards, listed = [], set()
-    if server.llm is not None:
+    if server.generator is not None:
         cards.append({"id": server.model_id, "object": "model", "created": created, "owned_by": "attnserve",
                       "max_model_len": server.max_model_len, "task": "generate"})
         listed.add(server.model_id)
@@ -345,5 +322,5 @@ async def models(request: Request):
         if model_id not in listed:
             listed.add(model_id)
             cards.append({"id": model_id, "object": "model", "created": created, "owned_by": "attnserve",
-                          "max_model_len": server.encoders[task].runner.max_length, "task": task})
+                          "max_model_len": server.encoders[task].limits.max_length, "task": task})
     return {"object": "list", "data": cards}

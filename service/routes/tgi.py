@@ -1,5 +1,5 @@
 """TGI routes: /generate, /generate_stream, / (TGI's compat route: `stream` picks), /tokenize,
-/detokenize; TEI routes: /embed, /classify (alias /predict).
+/detokenize.
 
 TGI semantics: max_new_tokens defaults to 100; sampling happens when do_sample is true or a
 sampling option (temperature != 1, top_k, top_p < 1, min_p) is set, and temperature 0 is
@@ -10,41 +10,36 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import math
 import random
 
 from fastapi import APIRouter, Request, Response
 
 from engine.outputs import CompletionOutput, GeneratedToken
-from service.encoding import encode, submit_classify, submit_embed
-from service.errors import APIError, error_event, openapi_errors
-from service.generation import (ClientGone, Generation, admit, check_max_tokens, collect, event_stream,
-                                sampling_params)
-from service.runtime import Server
-from service.schemas import (ClassifyRequest, DetokenizeRequest, DetokenizeResponse, EmbedRequest,
-                             GenerateParameters, GenerateRequest, GenerateResponse, LabelScore, SimpleToken,
-                             TokenizeRequest)
+from engine.sampling import SamplingParams
+from service.errors import APIError, openapi_errors
+from service.generation import Generation, admit, check_max_tokens, collect, event_stream
+from service.runtime import Server, info_of, server_of
+from service.schemas import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    GenerateParameters,
+    GenerateRequest,
+    GenerateResponse,
+    SimpleToken,
+    TokenizeRequest,
+)
 
-logger = logging.getLogger("service")
-router = APIRouter(tags=["TGI / TEI"])
+router = APIRouter(tags=["TGI"])
 
 _GEN_ERRORS = openapi_errors(400, 401, 404, 413, 422, 429, 500, 503)
 _STREAM_DOC = {200: {"description": "Server-sent events (text/event-stream), one per token "
                      "(`data: {...}`); the last carries generated_text and details"}}
 
 
-def server_of(request: Request) -> Server:
-    return request.app.state.server
-
-
-def info_of(request: Request):
-    return request.scope["attnserve.info"]
-
-
 # -- parameters ------------------------------------------------------------------------------
 
-def tgi_sampling(server: Server, p: GenerateParameters):
+def tgi_sampling(server: Server, p: GenerateParameters) -> tuple[SamplingParams, int | None]:
     """GenerateParameters -> (SamplingParams, the seed to report)."""
     if "max_new_tokens" in p.model_fields_set:      # the default 100 is cut to the model's length
         check_max_tokens(server, p.max_new_tokens, "parameters.max_new_tokens")
@@ -54,7 +49,7 @@ def tgi_sampling(server: Server, p: GenerateParameters):
     seed = p.seed
     if sample and seed is None:
         seed = random.getrandbits(63)
-    params = sampling_params(
+    params = SamplingParams(
         max_tokens=p.max_new_tokens or server.max_model_len,
         temperature=(1.0 if p.temperature is None else p.temperature) if sample else 0.0,
         top_k=p.top_k if p.top_k not in (None, 0) else -1, top_p=p.top_p or 1.0, min_p=p.min_p or 0.0,
@@ -75,16 +70,17 @@ def generated_text(gen: Generation, c: CompletionOutput, p: GenerateParameters) 
     return (gen.prompt.text or "") + text if p.return_full_text else text
 
 
-def _finite(x: float | None) -> float | None:
+def finite_or_none(x: float | None) -> float | None:
+    """TGI's JSON has no -inf: an impossible token's logprob is null."""
     return x if x is not None and math.isfinite(x) else None
 
 
 def token_json(t: GeneratedToken) -> dict:
-    return {"id": t.id, "text": t.text, "logprob": _finite(t.logprob), "special": t.special}
+    return {"id": t.id, "text": t.text, "logprob": finite_or_none(t.logprob), "special": t.special}
 
 
 def top_tokens_json(server: Server, t: GeneratedToken) -> list[dict]:
-    return [{"id": i, "text": server.token_text(i), "logprob": _finite(lp),
+    return [{"id": i, "text": server.token_text(i), "logprob": finite_or_none(lp),
              "special": server.tokenizer.is_special(i)} for i, lp in (t.top_logprobs or [])]
 
 
@@ -109,7 +105,7 @@ async def generate(body: GenerateRequest, request: Request):
              summary="Generate text as server-sent events (TGI)")
 async def generate_stream(body: GenerateRequest, request: Request):
     gen, seed = await _start(request, body)
-    return event_stream(_events(request, gen, seed, body.parameters), [gen])
+    return event_stream(request, _events(request, gen, seed, body.parameters), [gen])
 
 
 @router.post("/", response_model=GenerateResponse, responses=_GEN_ERRORS,
@@ -122,10 +118,7 @@ async def compat_generate(body: GenerateRequest, request: Request):
 
 async def _complete(request: Request, gen: Generation, seed: int | None, p: GenerateParameters):
     server = server_of(request)
-    try:
-        (result,) = await collect(request, [gen])
-    except ClientGone:
-        return Response(status_code=499)
+    (result,) = await collect(request, [gen])
     c = result.output.outputs[0]
     answer = {"generated_text": generated_text(gen, c, p), "details": None}
     if p.details:
@@ -142,27 +135,23 @@ async def _complete(request: Request, gen: Generation, seed: int | None, p: Gene
 
 async def _events(request: Request, gen: Generation, seed: int | None, p: GenerateParameters):
     server, index = server_of(request), 0
-    try:
-        async for out in gen:
-            c = out.outputs[0]
-            if c.finish_reason in ("abort", "error"):
-                raise APIError(503, "the server is shutting down; the request was aborted")
-            for j, token in enumerate(c.new_tokens):
-                index += 1
-                event = {"index": index, "token": token_json(token), "generated_text": None,
-                         "details": None,
-                         "top_tokens": top_tokens_json(server, token) if p.top_n_tokens else None}
-                if out.finished and j == len(c.new_tokens) - 1:
-                    event["generated_text"] = generated_text(gen, c, p)
-                    event["details"] = {"finish_reason": finish_reason(c), "generated_tokens": len(c.token_ids),
-                                        "seed": seed, "input_length": len(gen.prompt.ids)}
-                yield "data: " + json.dumps(event) + "\n\n"
-    except APIError as exc:
-        yield error_event(request.url.path, exc)
-    except Exception:
-        logger.exception("stream %s failed", info_of(request).request_id)
-        yield error_event(request.url.path, APIError(500, "internal server error (logged)"))
+    async for out in gen:
+        c = out.outputs[0]
+        if c.finish_reason in ("abort", "error"):
+            raise APIError(503, "the server is shutting down; the request was aborted")
+        for j, token in enumerate(c.new_tokens):
+            index += 1
+            event = {"index": index, "token": token_json(token), "generated_text": None,
+                     "details": None,
+                     "top_tokens": top_tokens_json(server, token) if p.top_n_tokens else None}
+            if out.finished and j == len(c.new_tokens) - 1:
+                event["generated_text"] = generated_text(gen, c, p)
+                event["details"] = {"finish_reason": finish_reason(c), "generated_tokens": len(c.token_ids),
+                                    "seed": seed, "input_length": len(gen.prompt.ids)}
+            yield "data: " + json.dumps(event) + "\n\n"
 
+
+# -- tokens ----------------------------------------------------------------------------------
 
 @router.post("/tokenize", response_model=list[SimpleToken], responses=openapi_errors(401, 404, 413, 422, 503),
              summary="Tokenize text (TGI): ids with their text and character offsets")
@@ -187,40 +176,8 @@ def _tokenize_json(server: Server, text: str, add_special_tokens: bool) -> bytes
 async def detokenize(body: DetokenizeRequest, request: Request):
     server = server_of(request)
     server.require_generator()
-    vocab = server.engine.model_config.vocab_size
+    vocab = server.generator.limits.vocab_size
     bad = [i for i in body.inputs if i >= vocab]
     if bad:
         raise APIError(422, f"inputs: token id {bad[0]} is outside the vocabulary [0, {vocab})", param="inputs")
     return {"text": server.tokenizer.decode(body.inputs, skip_special_tokens=body.skip_special_tokens)}
-
-
-# -- TEI -------------------------------------------------------------------------------------
-
-_ENC_ERRORS = openapi_errors(400, 401, 404, 413, 422, 429, 503)
-
-
-@router.post("/embed", response_model=list[list[float]], responses=_ENC_ERRORS,
-             summary="Embeddings (TEI): one vector per input, L2-normalized unless normalize=false")
-async def embed(body: EmbedRequest, request: Request):
-    try:
-        output = await encode(request, server_of(request), info_of(request), "embed", submit_embed,
-                              body.inputs, body.normalize, body.truncate)
-    except ClientGone:
-        return Response(status_code=499)
-    return output.data
-
-
-@router.post("/classify", response_model=list[list[LabelScore]], responses=_ENC_ERRORS,
-             summary="Classification (TEI): labels with scores, best first; zero-shot with candidate_labels")
-async def classify(body: ClassifyRequest, request: Request):
-    try:
-        output = await encode(request, server_of(request), info_of(request), "classify", submit_classify,
-                              body.inputs, body.candidate_labels, body.truncate)
-    except ClientGone:
-        return Response(status_code=499)
-    top_k = body.parameters.top_k if body.parameters else None
-    return [scores[:top_k] for scores in output.data] if top_k else output.data
-
-
-router.add_api_route("/predict", classify, methods=["POST"], response_model=list[list[LabelScore]],
-                     responses=_ENC_ERRORS, summary="Alias of /classify (TEI)")

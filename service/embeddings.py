@@ -1,0 +1,59 @@
+"""What /embed, /classify and /v1/embeddings share: the encoder serving a task, and a
+request that is dropped (its queued inputs skipped) when the client leaves.
+
+The encoder's refusals are engine/errors.py's typed errors; service/errors.py answers them.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Request
+
+from engine.encoder_engine import EncoderOutput
+from service.errors import ENGINE_ERRORS, APIError, ClientGone
+from service.generation import client_disconnected
+from service.runtime import Server, info_of, server_of
+
+
+def encoder_for(server: Server, task: str):
+    server.require_ready()
+    engine = server.encoders.get(task)
+    if engine is None:
+        what = "embedding" if task == "embed" else "classifier"
+        raise APIError(404, f"this server serves no {what} model (start it with --{what}-model)",
+                       param="model", code="model_not_found")
+    return engine
+
+
+async def encode(request: Request, task: str, submit, *args) -> EncoderOutput:
+    """submit(engine, *args) -> Future; its result. ClientGone when the client left first."""
+    server = server_of(request)
+    engine = encoder_for(server, task)
+    future = await asyncio.to_thread(submit, engine, *args)      # tokenizes: off the event loop
+    result = asyncio.wrap_future(future)
+    watcher = asyncio.ensure_future(client_disconnected(request))
+    try:
+        await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not result.done():
+            result.cancel()                   # its queued inputs are skipped
+    if result.cancelled():
+        raise ClientGone()
+    try:
+        output = result.result()
+    except ENGINE_ERRORS:
+        raise                                 # answered by its handler
+    except Exception as exc:                  # our bug, in the worker
+        raise APIError(500, f"the encoder failed: {type(exc).__name__}: {exc}", error_type="generation") from exc
+    server.metrics.embed_inputs.inc(len(output.data))
+    info_of(request).prompt_tokens += output.num_tokens
+    return output
+
+
+def submit_embed(engine, inputs, normalize: bool, truncate: bool):
+    return engine.submit_embed(inputs, normalize=normalize, truncate=truncate)
+
+
+def submit_classify(engine, inputs, labels, truncate: bool):
+    return engine.submit_classify(inputs, candidate_labels=labels, truncate=truncate)
