@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -21,7 +22,7 @@ from observability import DASHBOARD, in_ci
 from service.app import create_app
 from service.metrics import Metrics
 from service.settings import ENV_PREFIX, Settings, load_settings
-from service_helpers import REPO
+from service_helpers import REPO, ServerProcess
 from test_deploy_files import env_of, instructions, stage
 
 K8S = REPO / "deploy" / "k8s"
@@ -31,6 +32,8 @@ TARGETS = {"base": "cpu", "overlays/cpu": "cpu", "overlays/gpu": "cuda"}
 # The oldest Kubernetes the manifests claim (README.md) and the newest the validator knows.
 KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 CRD_KINDS = {"ServiceMonitor"}        # not in Kubernetes' schemas: checked on their own below
+# The image user's home (Dockerfile: useradd --create-home), which the kubelet sets as HOME.
+IMAGE_HOME = "/home/attnserve"
 # Environment variables the engine reads itself (not flags): engine/kernels.py.
 ENGINE_VARIABLES = {KERNEL_DIR_ENV}
 # --api-key's other environment form: one key (service/settings.py, load_settings).
@@ -226,8 +229,9 @@ def test_the_pod_runs_as_the_image_user_on_a_read_only_root(target):
     security = container(objects)["securityContext"]
     assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
     assert security["capabilities"]["drop"] == ["ALL"]
+    assert f"{IMAGE_HOME}/.cache" in " ".join(instructions(stage(TARGETS[target]), "RUN"))
     env = pod_environment(objects)
-    writable = ["/tmp", env[KERNEL_DIR_ENV]] + [env[k] for k in ("TRITON_CACHE_DIR",) if k in env]
+    writable = ["/tmp", f"{IMAGE_HOME}/.cache/torch", env[KERNEL_DIR_ENV]] + [env[k] for k in ("TRITON_CACHE_DIR",) if k in env]
     for path in writable:
         assert "emptyDir" in mounted_volume(objects, path), path
 
@@ -325,3 +329,71 @@ def test_the_adapter_query_is_valid_promql(tmp_path):
         {"record": "attnserve:adapter_query", "expr": query}]}]}))
     checked = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+# -- the pod's filesystem, here ----------------------------------------------------------------
+
+class ReadOnlyRootServer(ServerProcess):
+    """`python -m service` in a private mount namespace laid out as the pod's: the root
+    filesystem read-only, writable only at the Deployment's emptyDir mounts."""
+
+    def __init__(self, args: list[str], env: dict[str, str], writable: list[str]):
+        super().__init__(args, env)
+        self.writable = writable
+
+    def mount_script(self) -> str:
+        """sh: an empty tmpfs at each writable path, then the root read-only, then exec "$@"."""
+        lines = ["set -e"]
+        tops = [Path("/", Path(path).parts[1]) for path in self.writable]
+        assert len(set(tops)) == len(tops), "two writable paths under one top folder"
+        for path, top in zip(map(Path, self.writable), tops):
+            if path == top:
+                lines.append(f"mount -t tmpfs tmpfs {path}")
+            else:       # a tmpfs over its top folder holds the path's parents, then turns read-only
+                lines += [f"mount -t tmpfs tmpfs {top}", f"mkdir -p {path}", f"mount -t tmpfs tmpfs {path}",
+                          f"mount -o remount,ro {top}"]
+        return "\n".join([*lines, "mount -o remount,bind,ro /", 'exec "$@"'])
+
+    def start(self, timeout: float = 90.0, wait: bool = True) -> "ReadOnlyRootServer":
+        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", self.mount_script(),
+                   "sh", sys.executable, "-m", "service", *self.args]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+
+def can_mount_privately() -> str | None:
+    """Why a private mount namespace with a read-only root cannot be made here (None: it can)."""
+    if shutil.which("unshare") is None:
+        return "no `unshare` (util-linux)"
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           "mount -o remount,bind,ro / && ! test -w /"],
+                          capture_output=True, text=True)
+    return None if done.returncode == 0 else f"no private read-only root here: {done.stderr.strip()}"
+
+
+@pytest.mark.slow
+def test_the_server_serves_and_drains_on_the_pods_read_only_root():
+    """The CPU overlay's environment and writable mounts, the image's default models, a small
+    KV cache: ready, a generation and an embedding, then SIGTERM: a drain and exit 0."""
+    reason = can_mount_privately()
+    if reason:
+        pytest.fail(reason) if in_ci() else pytest.skip(reason)
+    objects = render("overlays/cpu")
+    spec = one(objects, "Deployment")["spec"]["template"]["spec"]
+    empty_dirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+    writable = [m["mountPath"] for m in container(objects)["volumeMounts"] if m["name"] in empty_dirs]
+    env = pod_environment(objects) | {"HOME": IMAGE_HOME}
+    server = ReadOnlyRootServer(["--kv-cache-memory", "64MiB", "--max-num-seqs", "8"], env, writable)
+    try:
+        server.start(timeout=180)
+        answer = server.post("/generate", json={"inputs": "The cat", "parameters": {"max_new_tokens": 8}})
+        assert answer.status_code == 200, answer.text
+        assert server.post("/embed", json={"inputs": "a sentence"}).status_code == 200
+    finally:
+        code = server.stop()
+    logs = server.logs()
+    assert code == 0, logs[-4000:]
+    assert "Read-only file system" not in logs, logs[-4000:]
