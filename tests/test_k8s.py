@@ -1,7 +1,8 @@
 """deploy/k8s, checked without a cluster: `kubectl kustomize` renders the base and each overlay,
 every object validates against the Kubernetes schemas (the ServiceMonitor against the
 Prometheus operator's), and the manifests agree with the server they run: its routes, port,
-settings, drain, the metric the HPA scales on and the adapter rule that serves it."""
+settings, drain, the metric the HPA scales on and the adapter rule that serves it. One slow test
+runs the server on the pod's filesystem: the root read-only, only the emptyDir mounts writable."""
 from __future__ import annotations
 
 import functools
