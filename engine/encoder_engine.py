@@ -22,10 +22,11 @@ from typing import Callable, Sequence
 
 from engine.config import EncoderConfig
 from engine.device import use_cpu_threads
-from engine.encoder_runner import EncoderOutput, EncoderRunner, Inputs, Item, Job, run_batch
+from engine.encoder_runner import ClassifyOptions, EncoderOutput, EncoderRunner, Inputs, Item, Job, Truncate, run_batch
 from engine.errors import EngineStoppedError, QueueFullError
 
-__all__ = ["Encoder", "EncoderConfig", "EncoderEngine", "EncoderOutput", "length_buckets", "take_batch"]
+__all__ = ["ClassifyOptions", "Encoder", "EncoderConfig", "EncoderEngine", "EncoderOutput", "length_buckets",
+           "take_batch"]
 logger = logging.getLogger(__name__)
 
 
@@ -114,22 +115,23 @@ class EncoderEngine:
     # --- submitting ---
 
     def submit_embed(self, inputs: Inputs, normalize: bool = True,
-                     truncate: bool = False) -> Future[EncoderOutput]:
-        """Validates now (raises EncoderError); the Future gives EncoderOutput(embeddings)."""
+                     truncate: Truncate = False) -> Future[EncoderOutput]:
+        """Validates now (raises InvalidParameter); the Future gives EncoderOutput(embeddings)."""
         return self._submit(*self.runner.embed_job(inputs, normalize, truncate))
 
     def submit_classify(self, inputs: Inputs, candidate_labels: Sequence[str] | None = None,
-                        truncate: bool = False) -> Future[EncoderOutput]:
+                        truncate: Truncate = False,
+                        options: ClassifyOptions = ClassifyOptions()) -> Future[EncoderOutput]:
         """The model's own head, or zero-shot over candidate_labels when given."""
-        return self._submit(*self.runner.classify_job(inputs, candidate_labels, truncate))
+        return self._submit(*self.runner.classify_job(inputs, candidate_labels, truncate, options))
 
     async def embed(self, inputs: Inputs, normalize: bool = True,
-                    truncate: bool = False) -> EncoderOutput:
+                    truncate: Truncate = False) -> EncoderOutput:
         return await asyncio.wrap_future(self.submit_embed(inputs, normalize, truncate))
 
     async def classify(self, inputs: Inputs, candidate_labels: Sequence[str] | None = None,
-                       truncate: bool = False) -> EncoderOutput:
-        return await asyncio.wrap_future(self.submit_classify(inputs, candidate_labels, truncate))
+                       truncate: Truncate = False, options: ClassifyOptions = ClassifyOptions()) -> EncoderOutput:
+        return await asyncio.wrap_future(self.submit_classify(inputs, candidate_labels, truncate, options))
 
     def _submit(self, job: Job, items: list[Item]) -> Future[EncoderOutput]:
         # Longest first inside a request, so its batches hold inputs of similar length.
@@ -204,15 +206,15 @@ class Encoder:
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.runner.tokenizer.encode(text, add_special_tokens)
 
-    def embed(self, inputs: Inputs, normalize: bool = True, truncate: bool = False) -> list[list[float]]:
+    def embed(self, inputs: Inputs, normalize: bool = True, truncate: Truncate = False) -> list[list[float]]:
         """Strings or token-id lists -> one vector each, L2-normalized unless normalize=False."""
         return self._execute(*self.runner.embed_job(inputs, normalize, truncate))
 
     def classify(self, inputs: Inputs, candidate_labels: Sequence[str] | None = None,
-                 truncate: bool = False) -> list[list[dict]]:
+                 truncate: Truncate = False, options: ClassifyOptions = ClassifyOptions()) -> list[list[dict]]:
         """[[{label, score}, ...] sorted by score] per input: the model's own head, or
         zero-shot by cosine similarity to each of candidate_labels."""
-        return self._execute(*self.runner.classify_job(inputs, candidate_labels, truncate))
+        return self._execute(*self.runner.classify_job(inputs, candidate_labels, truncate, options))
 
     def _execute(self, job: Job, items: list[Item]) -> list:
         queue = deque(sorted(items, key=lambda item: -len(item.token_ids)))

@@ -28,6 +28,15 @@ logger = logging.getLogger(__name__)
 # (sentence-transformers' MultipleNegativesRankingLoss), i.e. temperature 0.05.
 ZERO_SHOT_SCALE = 20.0
 Inputs = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
+Truncate = bool | int          # False: refuse what is too long; True: cut at the model's length; N: at N
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyOptions:
+    """How /classify scores, as transformers' pipelines name it."""
+    multi_label: bool = False                  # zero-shot: labels scored independently
+    hypothesis_template: str | None = None     # zero-shot: each label embedded as template.format(label)
+    function_to_apply: str | None = None       # head: "softmax" | "sigmoid" | "none"; None: by the config
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,32 +121,44 @@ class EncoderRunner:
 
     # --- requests: validation before anything is queued ---
 
-    def embed_job(self, inputs: Inputs, normalize: bool, truncate: bool) -> tuple[Job, list[Item]]:
+    def embed_job(self, inputs: Inputs, normalize: bool, truncate: Truncate) -> tuple[Job, list[Item]]:
         ids = self.prepare(inputs, truncate)
         job = Job(len(ids), list, sum(map(len, ids)))
         return job, [Item(x, "embedding", normalize, job, i) for i, x in enumerate(ids)]
 
-    def classify_job(self, inputs: Inputs, candidate_labels: Sequence[str] | None,
-                     truncate: bool) -> tuple[Job, list[Item]]:
+    def classify_job(self, inputs: Inputs, candidate_labels: Sequence[str] | None, truncate: Truncate,
+                     options: ClassifyOptions = ClassifyOptions()) -> tuple[Job, list[Item]]:
         ids = self.prepare(inputs, truncate)
         if candidate_labels is not None:
-            labels = _check_labels(candidate_labels)
-            label_ids = self.prepare(labels, truncate=True, check_count=False)
-            job = Job(len(ids) + len(labels), lambda rows: _zero_shot(rows, len(ids), labels),
-                      sum(map(len, ids)))
-            return job, [Item(x, "embedding", True, job, i) for i, x in enumerate(ids + label_ids)]
+            return self._zero_shot_job(ids, _check_labels(candidate_labels), options)
         if not self.has_classifier:
             raise InvalidParameter(
                 "candidate_labels", f"model {self.model_id!r} has no classification head: pass "
                 "candidate_labels (a list of label strings) for zero-shot classification, or "
                 "serve a model with a sequence-classification head")
-        labels, sigmoid = self.config.id2label, _is_multi_label(self.config)
-        job = Job(len(ids), lambda rows: [_label_scores(r, labels, sigmoid) for r in rows],
+        labels = self.config.id2label
+        function = options.function_to_apply or ("sigmoid" if _is_multi_label(self.config) else "softmax")
+        job = Job(len(ids), lambda rows: [_label_scores(r, labels, function) for r in rows],
                   sum(map(len, ids)))
         return job, [Item(x, "logits", False, job, i) for i, x in enumerate(ids)]
 
-    def prepare(self, inputs: Inputs, truncate: bool, check_count: bool = True) -> list[list[int]]:
-        """Strings or token-id lists -> token ids, each checked; raises InvalidParameter."""
+    def _zero_shot_job(self, ids: list[list[int]], labels: list[str],
+                       options: ClassifyOptions) -> tuple[Job, list[Item]]:
+        """Inputs and labels embedded in the same batches; scored by cosine when all are in."""
+        template = options.hypothesis_template or "{}"
+        if template.count("{}") != 1:
+            raise InvalidParameter("hypothesis_template", "hypothesis_template must hold one {} "
+                                   f"where the label goes, got {template!r}")
+        label_ids = self.prepare([template.replace("{}", label) for label in labels], truncate=True,
+                                 check_count=False)
+        job = Job(len(ids) + len(labels),
+                  lambda rows: _zero_shot(rows, len(ids), labels, options.multi_label), sum(map(len, ids)))
+        return job, [Item(x, "embedding", True, job, i) for i, x in enumerate(ids + label_ids)]
+
+    def prepare(self, inputs: Inputs, truncate: Truncate, check_count: bool = True) -> list[list[int]]:
+        """Strings or token-id lists -> token ids, each checked; raises InvalidParameter.
+        truncate: False refuses an input past the model's length, True cuts it there, an int
+        N cuts every input to at most N tokens (the closing special token kept)."""
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
             inputs = [inputs]                                   # one string, or one id list
         if not inputs:
@@ -160,15 +181,16 @@ class EncoderRunner:
             raise InvalidParameter("inputs", f"input {index} has items that are not token ids in [0, {vocab})")
         return list(value)
 
-    def _fit(self, ids: list[int], index: int, truncate: bool) -> list[int]:
-        if len(ids) <= self.max_length:
+    def _fit(self, ids: list[int], index: int, truncate: Truncate) -> list[int]:
+        limit = self.max_length if isinstance(truncate, bool) else min(truncate, self.max_length)
+        if len(ids) <= limit:
             return ids
-        if not truncate:
+        if truncate is False:
             raise PromptTooLongError("inputs", f"input {index} is {len(ids)} tokens long, more than "
                                      f"the model's maximum of {self.max_length} tokens; shorten it "
                                      "or pass truncate=true", len(ids), self.max_length)
         suffix = self._suffix if ids[len(ids) - len(self._suffix):] == self._suffix else []
-        return ids[: self.max_length - len(suffix)] + suffix   # keep the closing [SEP]
+        return ids[: max(limit - len(suffix), 1)] + suffix     # keep the closing [SEP]
 
     # --- batches ---
 
@@ -241,11 +263,12 @@ def _check_labels(labels: Sequence[str]) -> list[str]:
     return list(labels)
 
 
-def _zero_shot(rows: list, num_inputs: int, labels: list[str]) -> list[list[dict]]:
-    """Rows are normalized embeddings: the inputs', then the labels'."""
+def _zero_shot(rows: list, num_inputs: int, labels: list[str], multi_label: bool) -> list[list[dict]]:
+    """Rows are normalized embeddings: the inputs', then the labels'. One label: softmax over
+    the labels' scaled cosines; multi-label: each label alone, its cosine mapped to [0, 1]."""
     vectors = torch.tensor(rows)
     similarity = vectors[:num_inputs] @ vectors[num_inputs:].T         # (inputs, labels) cosine
-    scores = (similarity * ZERO_SHOT_SCALE).softmax(-1)
+    scores = (1 + similarity).clamp(0, 2) / 2 if multi_label else (similarity * ZERO_SHOT_SCALE).softmax(-1)
     return [_ranked(labels, row) for row in scores.tolist()]
 
 
@@ -254,9 +277,10 @@ def _is_multi_label(config) -> bool:
     return config.problem_type == "multi_label_classification" or len(config.id2label) == 1
 
 
-def _label_scores(logits: list[float], labels: Sequence[str], sigmoid: bool) -> list[dict]:
+def _label_scores(logits: list[float], labels: Sequence[str], function: str) -> list[dict]:
     values = torch.tensor(logits)
-    return _ranked(labels, (values.sigmoid() if sigmoid else values.softmax(-1)).tolist())
+    scores = {"sigmoid": values.sigmoid, "softmax": lambda: values.softmax(-1), "none": lambda: values}[function]()
+    return _ranked(labels, scores.tolist())
 
 
 def _ranked(labels: Sequence[str], scores: list[float]) -> list[dict]:

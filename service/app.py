@@ -108,13 +108,6 @@ def _add_model_bounds(spec: dict, server: Server) -> None:
                     branch["minimum"] = minimum
     for component, field, size in token_ids:
         _bound_integers(components[component]["properties"][field], size - 1)
-    classify = server.encoders.get("classify")
-    if classify is not None and not classify.limits.has_classifier:   # zero-shot only
-        request = components["ClassifyRequest"]
-        request["required"] = sorted({*request.get("required", []), "candidate_labels"})
-        labels = request["properties"]["candidate_labels"]
-        labels["anyOf"] = [b for b in labels["anyOf"] if b.get("type") != "null"]
-        labels.pop("default", None)
 
 
 def _add_security(spec: dict) -> None:

@@ -15,20 +15,17 @@ from service.generation import client_disconnected
 from service.runtime import Server, info_of, server_of
 
 
-def encoder_for(server: Server, task: str):
+def encoder_for(server: Server, task: str, model: str | None = None):
+    """The encoder serving `task` under the name a request gave (see Server.resolve_model)."""
     server.require_ready()
-    engine = server.encoders.get(task)
-    if engine is None:
-        what = "embedding" if task == "embed" else "classifier"
-        raise APIError(404, f"this server serves no {what} model (start it with --{what}-model)",
-                       param="model", code="model_not_found")
-    return engine
+    server.resolve_model(task, model)
+    return server.encoders[task]
 
 
-async def encode(request: Request, task: str, submit, *args) -> EncoderOutput:
+async def encode(request: Request, task: str, submit, *args, model: str | None = None) -> EncoderOutput:
     """submit(engine, *args) -> Future; its result. ClientGone when the client left first."""
     server = server_of(request)
-    engine = encoder_for(server, task)
+    engine = encoder_for(server, task, model)
     future = await asyncio.to_thread(submit, engine, *args)      # tokenizes: off the event loop
     result = asyncio.wrap_future(future)
     watcher = asyncio.ensure_future(client_disconnected(request))
@@ -51,9 +48,14 @@ async def encode(request: Request, task: str, submit, *args) -> EncoderOutput:
     return output
 
 
-def submit_embed(engine, inputs, normalize: bool, truncate: bool):
+def truncation(server: Server, asked: bool | int | None) -> bool | int:
+    """What a request asked (True / False, or at most N tokens), else the server's --auto-truncate."""
+    return server.settings.auto_truncate if asked is None else asked
+
+
+def submit_embed(engine, inputs, normalize: bool, truncate: bool | int):
     return engine.submit_embed(inputs, normalize=normalize, truncate=truncate)
 
 
-def submit_classify(engine, inputs, labels, truncate: bool):
-    return engine.submit_classify(inputs, candidate_labels=labels, truncate=truncate)
+def submit_classify(engine, inputs, labels, truncate: bool | int, options):
+    return engine.submit_classify(inputs, candidate_labels=labels, truncate=truncate, options=options)

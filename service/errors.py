@@ -27,7 +27,7 @@ logger = logging.getLogger("service")
 _KINDS = {
     400: ("validation", "invalid_request_error"),
     401: ("unauthorized", "authentication_error"),
-    404: ("validation", "not_found_error"),
+    404: ("not_found", "not_found_error"),
     405: ("validation", "invalid_request_error"),
     408: ("validation", "invalid_request_error"),
     413: ("validation", "invalid_request_error"),
@@ -122,25 +122,49 @@ def error_event(path: str, error: APIError) -> bytes:
     return b"data: " + json.dumps(error_body(path, error)).encode() + b"\n\n"
 
 
-def describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """pydantic errors -> ("field: what is wrong; ...", first field)."""
-    parts, first = [], None
-    for err in errors[:5]:
+# A field another client library spells differently -> (OpenAI routes' name, TGI / TEI routes' name).
+_SPELLINGS = {
+    "stop_sequences": ("stop", "stop"),
+    "max_new_tokens": ("max_tokens", "max_new_tokens"),
+    "max_tokens": ("max_tokens", "max_new_tokens"),
+    "num_return_sequences": ("n", None),
+    "return_full_text": ("echo", "return_full_text"),
+}
+
+
+def describe_validation(errors: list[dict[str, Any]], openai: bool = False) -> tuple[str, str | None]:
+    """pydantic errors -> ("field: what is wrong; ...", first field). The branches of a union
+    that one value failed are one error: the first."""
+    parts, fields, first = [], [], None
+    for err in errors:
         location = [str(p) for p in err.get("loc", ()) if p != "body"]
         # pydantic names the union member it tried ("str", "list[int]"): not the client's field
         location = [p for p in location if not _is_type_tag(p)]
         field = ".".join(location) or "body"
-        first = first or field
-        message = err.get("msg", "invalid")
+        if field in fields:
+            continue
+        message = err.get("msg", "invalid").removeprefix("Value error, ")
         if err.get("type") == "json_invalid":
             message = "the body is not valid JSON (or not UTF-8)"
-            field = first = "body"
+            field = "body"
         elif err.get("type") == "extra_forbidden":
-            message = "unknown field (not supported by this server)"
+            message = "unknown field (not supported by this server)" + _spelling_hint(location, openai)
+        fields.append(field)
+        first = first or field
         parts.append(f"{field}: {message}")
-    if len(errors) > 5:
-        parts.append(f"and {len(errors) - 5} more")
+    if len(parts) > 5:
+        parts = [*parts[:5], f"and {len(parts) - 5} more"]
     return "; ".join(parts), first
+
+
+def _spelling_hint(location: list[str], openai: bool) -> str:
+    name = location[-1] if location else ""
+    right = _SPELLINGS.get(name, (None, None))[0 if openai else 1]
+    if right is None or right == name and (openai or location[:1] == ["parameters"]):
+        return ""
+    if not openai and location[:1] != ["parameters"]:
+        right = f"parameters.{right}"              # TGI's options sit under "parameters"
+    return f"; use {right!r}"
 
 
 def _is_type_tag(part: str) -> bool:
@@ -164,7 +188,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        message, field = describe_validation(list(exc.errors()))
+        message, field = describe_validation(list(exc.errors()), openai=is_openai_path(request.url.path))
         return error_response(request.url.path, APIError(422, message, param=field, code="invalid_value"))
 
     @app.exception_handler(StarletteHTTPException)

@@ -171,11 +171,21 @@ def _tokenize_all(server: Server, prompts: Sequence[str | list[int]], add_specia
     return out
 
 
-def check_max_tokens(server: Server, value: int | None, field_name: str) -> None:
-    """A client's explicit cap on new tokens must fit the model's length."""
-    if value is not None and value > server.max_model_len:
-        raise APIError(422, f"{field_name} must be <= {server.max_model_len} (this model's "
-                       f"max_model_len), got {value}", param=field_name, code="invalid_value")
+def max_new_tokens(server: Server, asked: int | None, field_name: str, route_default: int | None) -> int:
+    """How many tokens a request may generate: what it asked (422 past the limit), else the
+    operator's --default-max-tokens, else the route's own default (None: the rest of the
+    model's length). Never past --max-new-tokens-limit nor the model's length; the engine
+    further stops each prompt at max_model_len."""
+    limit, why = server.max_model_len, "this model's max_model_len"
+    operator_limit = server.settings.max_new_tokens_limit
+    if operator_limit is not None and operator_limit < limit:
+        limit, why = operator_limit, "this server's --max-new-tokens-limit"
+    if asked is not None:
+        if asked > limit:
+            raise APIError(422, f"{field_name} must be <= {limit} ({why}), got {asked}",
+                           param=field_name, code="invalid_value")
+        return asked
+    return min(server.settings.default_max_tokens or route_default or limit, limit)
 
 
 # -- consuming ----------------------------------------------------------------------------------
@@ -223,7 +233,9 @@ def event_stream(request: Request, events: AsyncIterator[str], gens: list[Genera
             yield error_event(request.url.path, error)
 
     async def cleanup() -> None:
-        abort_unfinished(gens, "client_disconnect")
+        if any(not gen.finished for gen in gens):
+            abort_unfinished(gens, "client_disconnect")
+            info_of(request).status = 499         # counted as nginx counts a client that left
     return StreamingResponse(guarded(), media_type="text/event-stream", headers=SSE_HEADERS,
                              background=BackgroundTask(cleanup))
 

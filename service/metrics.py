@@ -10,16 +10,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Info,
-    disable_created_metrics,
-    generate_latest,
-)
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info,
+                               disable_created_metrics, generate_latest)
 
 disable_created_metrics()         # no `*_created` series: they double the exposition for nothing
 

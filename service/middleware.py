@@ -34,8 +34,18 @@ _READ_AS_JSON = frozenset({"", "application/x-www-form-urlencoded", "text/plain"
 
 class ServiceMiddleware:
     def __init__(self, app: ASGIApp, server: Server, routes: frozenset[str]):
-        self.app, self.server, self.routes = app, server, routes
+        self.app, self.server = app, server
+        self.routes = frozenset(_template(r) for r in routes if "{" not in r)
+        # "/v1/models/{model_id:path}" -> (its label "/v1/models/{model_id}", a pattern of its paths)
+        self.templates = [(_template(r), re.compile("^" + re.sub(r"\{[^}]+\}", ".+", r) + "$"))
+                          for r in routes if "{" in r]
         self.keys = [key.encode() for key in server.settings.api_keys]
+
+    def route_label(self, path: str) -> str:
+        """The route a path is counted under in the metrics: its template, or "other"."""
+        if path in self.routes:
+            return path
+        return next((label for label, pattern in self.templates if pattern.match(path)), "other")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,7 +56,7 @@ class ServiceMiddleware:
         path = scope["path"]
         given_id = headers.get("x-request-id", "")
         info = RequestInfo(request_id=given_id if _REQUEST_ID.match(given_id) else uuid.uuid4().hex,
-                           route=path if path in self.routes else "other")
+                           route=self.route_label(path))
         scope["attnserve.info"] = info
         if scope["method"] == "POST" and _media_type(headers) in _READ_AS_JSON:
             _treat_body_as_json(scope)          # `curl -d '{...}'` sends form-urlencoded
@@ -134,6 +144,10 @@ class ServiceMiddleware:
         access_log.info("%s %s %d %.3fs prompt_tokens=%d completion_tokens=%d id=%s%s",
                         scope["method"], scope["path"], status, duration, info.prompt_tokens,
                         info.completion_tokens, info.request_id, prompt)
+
+
+def _template(route: str) -> str:
+    return re.sub(r"\{(\w+):\w+\}", r"{\1}", route)            # "{model_id:path}" -> "{model_id}"
 
 
 def _media_type(headers: Headers) -> str:

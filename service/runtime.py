@@ -24,6 +24,9 @@ from service.settings import Settings
 logger = logging.getLogger("service")
 
 VERSION = "0.1.0"
+# task -> (what it is called, the flag that serves it)
+_TASKS = {"generate": ("generation", "--model"), "embed": ("embedding", "--embedding-model"),
+          "classify": ("classifier", "--classifier-model")}
 _WARMUP_PROMPT = "Hello"
 
 
@@ -169,13 +172,34 @@ class Server:
     def require_generator(self) -> None:
         """Ready, and serving a generation model (an encoder-only server has none)."""
         self.require_ready()
-        if self.generator is None:
-            raise APIError(404, "this server serves no generation model (start it with --model)",
-                           param="model", code="model_not_found")
+        self.resolve_model("generate", None)
 
     def encoder_ids(self) -> dict[str, str]:
         """task ("embed" / "classify") -> the id of the model serving it, once loaded."""
         return {task: encoder.limits.model_id for task, encoder in self.encoders.items()}
+
+    def served_models(self, task: str) -> list[str]:
+        """Ids of the models serving a task: "generate", "embed" or "classify"."""
+        if task == "generate":
+            return [self.model_id] if self.generator is not None else []
+        return [self.encoders[task].limits.model_id] if task in self.encoders else []
+
+    def resolve_model(self, task: str, requested: str | None) -> str:
+        """The id of the model a request names. A name no model has falls back to the one model
+        of its task, as TGI and llama.cpp's server do (clients send placeholders: "gpt-3.5-turbo",
+        "dummy"); with several of a task, or with --strict-model-names, it is a 404."""
+        served = self.served_models(task)
+        if requested in served or (requested is None and served):
+            return requested or served[0]
+        if len(served) == 1 and not self.settings.strict_model_names:
+            return served[0]
+        what, flag = _TASKS[task]
+        if not served:
+            raise APIError(404, f"this server serves no {what} model (start it with {flag})",
+                           param="model", code="model_not_found")
+        raise APIError(404, f"the model {requested!r} does not exist; this server serves "
+                       f"{', '.join(map(repr, served))} for {what} (see /v1/models)",
+                       param="model", code="model_not_found")
 
     @property
     def max_model_len(self) -> int:

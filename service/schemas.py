@@ -50,10 +50,34 @@ TokenId = int_in(0, 2**31 - 1)
 NonEmptyText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 
 
+def _nullable_optionals(schema: dict[str, Any]) -> None:
+    """JSON Schema of a request body: every optional property also takes null (its default)."""
+    required = set(schema.get("required", []))
+    for name, prop in schema.get("properties", {}).items():
+        if name in required or _takes_null(prop):
+            continue
+        meta = {key: prop.pop(key) for key in ("default", "description", "title") if key in prop}
+        schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **meta}
+
+
+def _takes_null(prop: dict[str, Any]) -> bool:
+    return prop.get("type") == "null" or any(branch.get("type") == "null" for branch in prop.get("anyOf", []))
+
+
 class Strict(BaseModel):
     """A request body: unknown fields and coerced types (\"1\" for 1, 0 for false) are errors,
-    and so is text that is not Unicode."""
-    model_config = ConfigDict(extra="forbid", strict=True)
+    and so is text that is not Unicode. An explicit null means the field's default, on every
+    optional field (OpenAI's API takes null for each, and SDKs and proxies send it)."""
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_nullable_optionals)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {key: value for key, value in data.items()
+                if value is not None or key not in fields or fields[key].is_required()}
 
     @field_validator("*")
     @classmethod
@@ -99,7 +123,7 @@ def _stop_list(value: Any) -> Any:
 
 class NativeError(BaseModel):
     error: str
-    error_type: Literal["validation", "overloaded", "generation", "unauthorized", "not_ready"]
+    error_type: Literal["validation", "not_found", "overloaded", "generation", "unauthorized", "not_ready"]
 
 
 class OpenAIError(BaseModel):
@@ -142,7 +166,7 @@ class GenerateParameters(Strict):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
-        return [] if v is None else _stop_list(v)
+        return _stop_list(v)
 
     @field_validator("typical_p", mode="before")
     @classmethod
@@ -167,13 +191,8 @@ class GenerateParameters(Strict):
 
 class GenerateRequest(Strict):
     inputs: NonEmptyText
-    parameters: GenerateParameters | None = Field(default_factory=GenerateParameters)
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool = Field(False, description="only on POST /: stream like /generate_stream")
-
-    @field_validator("parameters", mode="before")
-    @classmethod
-    def _null_parameters(cls, v):
-        return {} if v is None else v
 
 
 class Token(BaseModel):
@@ -329,6 +348,16 @@ class CompletionRequest(SamplingFields):
     def _unsupported(cls, v, info):
         return _neutral(v, (None, "") if info.field_name == "suffix" else (None, 1), info.field_name)
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, v):
+        # One sentence, rather than what each of the four accepted forms disliked.
+        if v == "" or v == []:
+            raise ValueError("the prompt is empty: send text, token ids, or a list of either")
+        if not isinstance(v, (str, list)):
+            raise ValueError("the prompt must be text, token ids, or a list of either")
+        return v
+
 
 class TextPart(Strict):
     type: Literal["text"]
@@ -341,6 +370,8 @@ class ChatMessage(Strict):
         | Annotated[list[TextPart], Field(max_length=256)] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: Annotated[list[dict], Field(max_length=0)] | None = Field(
+        None, description="not supported yet: null or []")
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -486,24 +517,33 @@ EmbedInputs = NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, m
 class EmbedRequest(Strict):
     inputs: EmbedInputs
     normalize: bool = True
-    truncate: bool = Field(False, description="cut inputs longer than the model allows (else 400)")
+    truncate: bool | None = Field(None, description="cut inputs longer than the model allows (else 400); "
+                                  "null: the server's --auto-truncate")
     truncation_direction: Literal["Right", "right"] = Field("Right", description="only Right is supported")
     prompt_name: None = Field(None, description="not supported: null")
 
 
+CandidateLabels = Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]],
+                            Field(min_length=1, max_length=MAX_LABELS, json_schema_extra={"uniqueItems": True})]
+
+
 class ClassifyParameters(Strict):
-    """What huggingface_hub's text_classification sends."""
+    """Where huggingface_hub's text_classification and zero_shot_classification put options."""
     top_k: int_in(1, MAX_LABELS) | None = Field(None, description="keep the best k labels")
-    function_to_apply: None = Field(None, description="not supported: null")
+    function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
+        None, description="scores from the head's logits; null: softmax (sigmoid for multi-label heads)")
+    candidate_labels: CandidateLabels | None = Field(None, description="zero-shot labels (as top-level)")
+    multi_label: bool = Field(False, description="zero-shot: score each label alone, in [0, 1]")
+    hypothesis_template: Annotated[str, Field(min_length=2, max_length=256)] | None = Field(
+        None, description="zero-shot: each label is embedded as this text with {} replaced by it")
 
 
 class ClassifyRequest(Strict):
     inputs: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
-    candidate_labels: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]],
-                                Field(min_length=1, max_length=MAX_LABELS,
-                                      json_schema_extra={"uniqueItems": True})] | None = Field(
-        None, description="zero-shot labels; null: the model's own classification head")
-    truncate: bool = False
+    candidate_labels: CandidateLabels | None = Field(
+        None, description="zero-shot labels; null: the model's own classification head (a model "
+        "without one needs labels: 422 otherwise)")
+    truncate: bool | None = Field(None, description="null: the server's --auto-truncate")
     truncation_direction: Literal["Right", "right"] = "Right"
     raw_scores: Literal[False] = Field(False, description="not supported: false")
     parameters: ClassifyParameters | None = None
@@ -512,6 +552,16 @@ class ClassifyRequest(Strict):
     @classmethod
     def _raw_scores(cls, v):
         return _neutral(v, (False,), "raw_scores")
+
+    @model_validator(mode="after")
+    def _labels_once(self):
+        if self.candidate_labels is not None and self.parameters and self.parameters.candidate_labels is not None:
+            raise ValueError("candidate_labels is given twice (top level and parameters): give it once")
+        return self
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.candidate_labels or (self.parameters.candidate_labels if self.parameters else None)
 
 
 class LabelScore(BaseModel):
@@ -525,6 +575,16 @@ class EmbeddingRequest(Strict):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int_in(1) | None = Field(None, description="null or the model's own size")
     user: str | None = None
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1), BeforeValidator(_integral)] | None = Field(
+        None, description="cut each input to at most N tokens (-1: the model's maximum), as vLLM; "
+        "null: the server's --auto-truncate")
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncate_tokens(cls, v):
+        if v == 0:
+            raise ValueError("must be -1 (the model's maximum) or a number of tokens >= 1")
+        return v
 
 
 class EmbeddingData(BaseModel):

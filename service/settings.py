@@ -36,6 +36,14 @@ _HELP = {
     "max_batch_tokens": "encoder: most tokens (padding included) in one batch",
     "max_batch_size": "encoder: most inputs in one batch",
     "batch_wait_ms": "encoder: longest an input waits for others to fill its batch",
+    "strict_model_names": "answer 404 to a model name that is not served (off: a name no model "
+                          "has falls back to the one model of its task, as TGI and llama.cpp do)",
+    "auto_truncate": "encoders: cut inputs longer than the model allows instead of answering 400 "
+                     "(a request's own truncate / truncate_prompt_tokens still wins)",
+    "max_new_tokens_limit": "most new tokens one request may ask for (422 beyond; unset: the "
+                            "model's length)",
+    "default_max_tokens": "new tokens of a request that names none (unset: each route's own "
+                          "default: TGI 100, completions 16, chat the rest of the model's length)",
 }
 
 
@@ -73,6 +81,10 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(_default(EncoderConfig, "max_batch_tokens"), ge=1)
     max_batch_size: int = Field(_default(EncoderConfig, "max_batch_size"), ge=1)
     batch_wait_ms: float = Field(_default(EncoderConfig, "batch_wait_ms"), ge=0)
+    strict_model_names: bool = False
+    auto_truncate: bool = False
+    max_new_tokens_limit: int | None = Field(None, ge=1)
+    default_max_tokens: int | None = Field(None, ge=1)
 
     @field_validator("model", "embedding_model", "classifier_model", "quantization", mode="before")
     @classmethod
@@ -112,6 +124,9 @@ class Settings(BaseSettings):
     def _serves_something(self) -> "Settings":
         if self.model is None and self.embedding_model is None and self.classifier_model is None:
             raise ValueError("no model to serve: --model, --embedding-model and --classifier-model are all none")
+        limit, default = self.max_new_tokens_limit, self.default_max_tokens
+        if limit is not None and default is not None and default > limit:
+            raise ValueError(f"--default-max-tokens {default} exceeds --max-new-tokens-limit {limit}")
         return self
 
     def engine_config(self) -> EngineConfig:

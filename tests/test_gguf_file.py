@@ -21,14 +21,8 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from engine.config import ModelConfig
-from engine.gguf_file import (
-    TENSOR_NAMES_KEY,
-    GGUFError,
-    hf_config_from_gguf,
-    iter_gguf_tensors,
-    read_metadata,
-    validate_gguf,
-)
+from engine.gguf_file import (TENSOR_NAMES_KEY, GGUFError, hf_config_from_gguf, iter_gguf_tensors,
+                              read_metadata, validate_gguf)
 from tests.gguf_writer import QUANTIZABLE, quantize_q6_k, write_gguf
 
 # Widths are multiples of 256 so every type, Q6_K included, can quantize every weight.

@@ -5,15 +5,8 @@ import math
 import pytest
 import torch
 
-from engine.sampling import (
-    Sampler,
-    SampleRequest,
-    SamplingParams,
-    apply_min_p,
-    apply_penalties,
-    apply_top_k,
-    apply_top_p,
-)
+from engine.sampling import (Sampler, SampleRequest, SamplingParams, apply_min_p, apply_penalties,
+                             apply_top_k, apply_top_p)
 
 VOCAB = 50
 

@@ -9,7 +9,7 @@ import openai
 import pytest
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError as HubValidationError
-from service_helpers import API_KEY, main_server
+from service_helpers import API_KEY, EMBEDDING_MODEL, main_server
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_completions_validation(server, body, param):
     ({"messages": []}, "messages"),
     ({"messages": "hi"}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
-    ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages.0.tool_calls"),
+    ({"messages": [{"role": "user", "content": "hi", "tool_calls": [{"id": "x"}]}]}, "messages.0.tool_calls"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "body"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**6}, "max_completion_tokens"),
@@ -134,7 +134,7 @@ def test_clients_see_typed_errors(server):
     with pytest.raises(openai.UnprocessableEntityError):
         client.completions.create(model=None, prompt="hi", max_tokens=10**6)
     with pytest.raises(openai.NotFoundError) as raised:
-        client.completions.create(model="gpt-17", prompt="hi", max_tokens=2)
+        client.models.retrieve("gpt-17")
     assert raised.value.body["code"] == "model_not_found"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
@@ -161,7 +161,7 @@ def test_encoder_validation(server, route, body, field):
 
 
 def test_embeddings_validation(server):
-    assert openai_error(server.post("/v1/embeddings", json={"input": "hi", "model": "ada"}), 404)["code"] == "model_not_found"
+    assert server.post("/v1/embeddings", json={"input": "hi", "model": "ada"}).json()["model"] == EMBEDDING_MODEL
     assert openai_error(server.post("/v1/embeddings", json={"input": "hi", "dimensions": 10}), 422)["param"] == "dimensions"
     assert openai_error(server.post("/v1/embeddings", json={"input": []}), 422)["param"] == "input"
     assert openai_error(server.post("/v1/embeddings", json={"input": "hi", "encoding_format": "int8"}), 422)["param"] == "encoding_format"
@@ -209,11 +209,10 @@ def test_open_routes_need_no_key(server):
 # -- 404 / 405 --------------------------------------------------------------------------------
 
 def test_unknown_model_and_route(server):
-    error = openai_error(server.post("/v1/chat/completions", json={
-        "model": "not-a-model", "messages": [{"role": "user", "content": "hi"}]}), 404)
+    error = openai_error(server.get("/v1/models/not-a-model"), 404)
     assert error["param"] == "model" and "not-a-model" in error["message"]
     openai_error(server.get("/v1/nothing"), 404)
-    native_error(server.get("/nothing"), 404, "validation")
+    native_error(server.get("/nothing"), 404, "not_found")
     native_error(server.get("/generate"), 405, "validation")
 
 

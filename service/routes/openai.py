@@ -17,21 +17,13 @@ from fastapi import APIRouter, Request
 
 from engine.outputs import CompletionOutput, GeneratedToken
 from engine.sampling import SamplingParams
-from service.embeddings import encode, encoder_for, submit_embed
+from service.embeddings import encode, encoder_for, submit_embed, truncation
 from service.errors import APIError, openapi_errors
-from service.generation import Generation, admit, check_max_tokens, collect, event_stream, merge
+from service.generation import Generation, admit, collect, event_stream, max_new_tokens, merge
 from service.runtime import VERSION, Server, info_of, server_of
-from service.schemas import (
-    ChatCompletion,
-    ChatCompletionRequest,
-    Completion,
-    CompletionRequest,
-    EmbeddingRequest,
-    EmbeddingResponse,
-    ModelList,
-    SamplingFields,
-    StreamOptions,
-)
+from service.schemas import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest,
+                             EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList, SamplingFields,
+                             StreamOptions)
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
 
@@ -41,18 +33,10 @@ _STREAM_DOC = {200: {"description": "JSON; with stream=true, server-sent events 
                      "ending with `data: [DONE]`"}}
 
 
-def check_model(server: Server, model: str | None, served: str | None = None) -> str:
-    served = served or server.model_id
-    if model is not None and model != served:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {served!r} "
-                       "(see /v1/models)", param="model", code="model_not_found")
-    return served
-
-
-def _sampling(server: Server, body: SamplingFields, max_tokens: int | None, logprobs: int | None):
+def _sampling(body: SamplingFields, max_tokens: int, logprobs: int | None):
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return SamplingParams(
-        max_tokens=max_tokens or server.max_model_len,
+        max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k if body.top_k not in (None, 0) else -1, min_p=body.min_p or 0.0, n=body.n,
@@ -168,12 +152,12 @@ def _joined(first: dict | None, second: dict) -> dict:
              summary="Text completions (OpenAI)")
 async def completions(body: CompletionRequest, request: Request):
     server = server_of(request)
-    server.require_generator()
-    model = check_model(server, body.model)
-    if "max_tokens" in body.model_fields_set:       # the default 16 is cut to the model's length
-        check_max_tokens(server, body.max_tokens, "max_tokens")
+    server.require_ready()
+    model = server.resolve_model("generate", body.model)
+    asked = body.max_tokens if "max_tokens" in body.model_fields_set else None
+    max_tokens = max_new_tokens(server, asked, "max_tokens", route_default=16)
     prompts = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
-    params = _sampling(server, body, body.max_tokens, body.logprobs)
+    params = _sampling(body, max_tokens, body.logprobs)
     gens = await admit(server, info_of(request), prompts, params)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT}
@@ -247,13 +231,14 @@ async def _render_chat(server: Server, body: ChatCompletionRequest) -> str:
              summary="Chat completions (OpenAI), through the model's chat template")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     server = server_of(request)
-    server.require_generator()
-    model = check_model(server, body.model)
-    check_max_tokens(server, body.max_tokens, "max_tokens")
-    check_max_tokens(server, body.max_completion_tokens, "max_completion_tokens")
-    max_tokens = body.max_completion_tokens or body.max_tokens
+    server.require_ready()
+    model = server.resolve_model("generate", body.model)
+    if body.max_tokens is not None:
+        max_new_tokens(server, body.max_tokens, "max_tokens", None)
+    field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_tokens = max_new_tokens(server, getattr(body, field), field, route_default=None)
     top = (body.top_logprobs or 0) if body.logprobs else None
-    params = _sampling(server, body, max_tokens, top)
+    params = _sampling(body, max_tokens, top)
     prompt = await _render_chat(server, body)
     (gen,) = await admit(server, info_of(request), [prompt], params, add_special_tokens=False)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model,
@@ -288,12 +273,14 @@ async def _chat_events(request: Request, body: ChatCompletionRequest, gen: Gener
              summary="Embeddings (OpenAI), L2-normalized")
 async def embeddings(body: EmbeddingRequest, request: Request):
     server = server_of(request)
-    limits = encoder_for(server, "embed").limits
-    model = check_model(server, body.model, limits.model_id)
+    limits = encoder_for(server, "embed", body.model).limits
+    model = limits.model_id
     if body.dimensions is not None and body.dimensions != limits.hidden_size:
         raise APIError(422, f"dimensions: this model's embeddings have {limits.hidden_size} dimensions, "
                        f"got {body.dimensions}", param="dimensions", code="invalid_value")
-    output = await encode(request, "embed", submit_embed, body.input, True, False)
+    asked = body.truncate_prompt_tokens
+    truncate = truncation(server, True if asked == -1 else asked)
+    output = await encode(request, "embed", submit_embed, body.input, True, truncate, model=model)
     data = [{"object": "embedding", "index": i,
              "embedding": _base64(vector) if body.encoding_format == "base64" else vector}
             for i, vector in enumerate(output.data)]
@@ -311,7 +298,20 @@ def _base64(vector: list[float]) -> str:
 @router.get("/models", response_model=ModelList, responses=openapi_errors(401, openai=True),
             summary="The models this server serves")
 async def models(request: Request):
-    server = server_of(request)
+    return {"object": "list", "data": _model_cards(server_of(request))}
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard, responses=openapi_errors(401, 404, openai=True),
+            summary="One served model (OpenAI models.retrieve)")
+async def model(model_id: str, request: Request):
+    card = next((c for c in _model_cards(server_of(request)) if c["id"] == model_id), None)
+    if card is None:
+        raise APIError(404, f"the model {model_id!r} is not served here (see /v1/models)", param="model",
+                       code="model_not_found")
+    return card
+
+
+def _model_cards(server: Server) -> list[dict]:
     created = server.started_at
     cards, listed = [], set()
     if server.generator is not None:
@@ -323,4 +323,4 @@ async def models(request: Request):
             listed.add(model_id)
             cards.append({"id": model_id, "object": "model", "created": created, "owned_by": "attnserve",
                           "max_model_len": server.encoders[task].limits.max_length, "task": task})
-    return {"object": "list", "data": cards}
+    return cards

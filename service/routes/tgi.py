@@ -18,17 +18,10 @@ from fastapi import APIRouter, Request, Response
 from engine.outputs import CompletionOutput, GeneratedToken
 from engine.sampling import SamplingParams
 from service.errors import APIError, openapi_errors
-from service.generation import Generation, admit, check_max_tokens, collect, event_stream
+from service.generation import Generation, admit, collect, event_stream, max_new_tokens
 from service.runtime import Server, info_of, server_of
-from service.schemas import (
-    DetokenizeRequest,
-    DetokenizeResponse,
-    GenerateParameters,
-    GenerateRequest,
-    GenerateResponse,
-    SimpleToken,
-    TokenizeRequest,
-)
+from service.schemas import (DetokenizeRequest, DetokenizeResponse, GenerateParameters, GenerateRequest,
+                             GenerateResponse, SimpleToken, TokenizeRequest)
 
 router = APIRouter(tags=["TGI"])
 
@@ -41,8 +34,8 @@ _STREAM_DOC = {200: {"description": "Server-sent events (text/event-stream), one
 
 def tgi_sampling(server: Server, p: GenerateParameters) -> tuple[SamplingParams, int | None]:
     """GenerateParameters -> (SamplingParams, the seed to report)."""
-    if "max_new_tokens" in p.model_fields_set:      # the default 100 is cut to the model's length
-        check_max_tokens(server, p.max_new_tokens, "parameters.max_new_tokens")
+    asked = p.max_new_tokens if "max_new_tokens" in p.model_fields_set else None
+    max_tokens = max_new_tokens(server, asked, "parameters.max_new_tokens", route_default=100)
     uses_warpers = (p.temperature not in (None, 1.0) or p.top_k not in (None, 0, -1)
                     or p.top_p not in (None, 1.0) or p.min_p not in (None, 0.0))
     sample = (p.do_sample or uses_warpers) and p.temperature != 0.0
@@ -50,7 +43,7 @@ def tgi_sampling(server: Server, p: GenerateParameters) -> tuple[SamplingParams,
     if sample and seed is None:
         seed = random.getrandbits(63)
     params = SamplingParams(
-        max_tokens=p.max_new_tokens or server.max_model_len,
+        max_tokens=max_tokens,
         temperature=(1.0 if p.temperature is None else p.temperature) if sample else 0.0,
         top_k=p.top_k if p.top_k not in (None, 0) else -1, top_p=p.top_p or 1.0, min_p=p.min_p or 0.0,
         repetition_penalty=p.repetition_penalty or 1.0, frequency_penalty=p.frequency_penalty or 0.0,
@@ -108,12 +101,13 @@ async def generate_stream(body: GenerateRequest, request: Request):
     return event_stream(request, _events(request, gen, seed, body.parameters), [gen])
 
 
-@router.post("/", response_model=GenerateResponse, responses=_GEN_ERRORS,
-             summary="TGI compat route: /generate, or /generate_stream when stream=true")
+@router.post("/", response_model=list[GenerateResponse], responses=_GEN_ERRORS,
+             summary="TGI compat route: /generate's answer in a one-element list (as TGI, and as its "
+                     "`text_generation` client reads it), or /generate_stream's events when stream=true")
 async def compat_generate(body: GenerateRequest, request: Request):
     if body.stream:
         return await generate_stream(body, request)
-    return await generate(body, request)
+    return [await generate(body, request)]
 
 
 async def _complete(request: Request, gen: Generation, seed: int | None, p: GenerateParameters):
