@@ -39,6 +39,7 @@ class _Add:
     prompt: str | None
     params: SamplingParams
     arrival_time: float
+    group_id: str | None
     stream: "RequestStream"
     admitted: asyncio.Future
 
@@ -162,9 +163,10 @@ class AsyncLLMEngine:
     # -- requests -----------------------------------------------------------------------
 
     async def add_request(self, prompt: str | Seq[int], params: SamplingParams,
-                          request_id: str | None = None, arrival_time: float | None = None
-                          ) -> RequestStream:
-        """Admit a request. InvalidParameter for a prompt the engine cannot run."""
+                          request_id: str | None = None, arrival_time: float | None = None,
+                          group_id: str | None = None) -> RequestStream:
+        """Admit a request (group_id: the client request it belongs to, for fair scheduling).
+        InvalidParameter for a prompt the engine cannot run."""
         if not self.is_alive:
             raise EngineStoppedError("the engine loop is not running")
         arrival_time = arrival_time if arrival_time is not None else time.monotonic()
@@ -177,7 +179,7 @@ class AsyncLLMEngine:
         admitted = loop.create_future()
         with self._lock:
             self._num_submitted += 1
-        self._inbox.put(_Add(request_id, prompt_ids, text, params, arrival_time, stream, admitted))
+        self._inbox.put(_Add(request_id, prompt_ids, text, params, arrival_time, group_id, stream, admitted))
         try:
             await admitted                      # raises what add_request raised
         except asyncio.CancelledError:
@@ -250,7 +252,7 @@ class AsyncLLMEngine:
             return
         try:
             self.engine.add_request(item.request_id, item.prompt_ids, item.params, item.arrival_time,
-                                    prompt_text=item.prompt)
+                                    prompt_text=item.prompt, group_id=item.group_id)
         except Exception as exc:
             with self._lock:
                 self._num_submitted -= 1

@@ -194,6 +194,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None     # overrides kv_cache_memory when set (tests)
     max_num_seqs: int = 64               # sequences per step
     max_num_batched_tokens: int = 512    # tokens per step (decode + prefill chunks)
+    max_prefill_tokens: int | None = None  # prompt tokens per step while decodes run; None: by device
     max_model_len: int | None = None     # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     enforce_eager: bool = False          # CUDA: never replay decode steps from CUDA graphs
@@ -210,6 +211,8 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:

@@ -24,6 +24,9 @@ from engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
+# Prompt tokens a CPU step takes while decodes run (see _max_prefill_tokens).
+CPU_PREFILL_TOKENS = 128
+
 
 @dataclass(slots=True)
 class StepStats:
@@ -87,7 +90,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
-                                   self.config.max_num_batched_tokens)
+                                   self.config.max_num_batched_tokens, self._max_prefill_tokens())
         self.sampler = Sampler(self.config.seed)
         self.max_model_len = self._decide_max_model_len()
         self.limits = GenerationLimits(
@@ -106,6 +109,17 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._finished_outside_step: list[Request] = []
 
+    def _max_prefill_tokens(self) -> int:
+        """Prompt tokens per step while decodes run: what a decode may wait for. On a GPU a
+        full chunk costs a few ms; on a CPU a 512-token chunk held every stream ~1 s
+        (BENCHMARKS.md), so chunks there are cut to what keeps a step near a decode's time."""
+        configured = self.config.max_prefill_tokens
+        if configured is not None:
+            return configured
+        if self.device.type == "cpu":
+            return min(CPU_PREFILL_TOKENS, self.config.max_num_batched_tokens)
+        return self.config.max_num_batched_tokens
+
     def _decide_max_model_len(self) -> int:
         model_max = self.model_config.max_position_embeddings
         pool_tokens = self.runner.num_blocks * self.config.block_size
@@ -123,9 +137,12 @@ class LLMEngine:
     # -- requests -----------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None, prompt_text: str | None = None) -> None:
+                    arrival_time: float | None = None, prompt_text: str | None = None,
+                    group_id: str | None = None) -> None:
         """Queue a prompt (text, or token ids; prompt_text names the text of given ids).
-        Raises InvalidParameter (PromptTooLongError) for what cannot run."""
+        group_id names the client request it belongs to (the scheduler is fair between
+        groups; default: the request is its own). Raises InvalidParameter (PromptTooLongError)
+        for what cannot run."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -135,6 +152,8 @@ class LLMEngine:
         self.limits.validate_n(params.n)
         now = arrival_time if arrival_time is not None else time.monotonic()
         seqs = [self._new_sequence(request_id, prompt_ids, params, i, now) for i in range(params.n)]
+        for seq in seqs:
+            seq.group_id = group_id or request_id
         seqs[0].siblings = seqs[1:]
         completions = [CompletionState(i, self.tokenizer, prompt_ids, params, self.eos_token_ids)
                        for i in range(params.n)]

@@ -1,16 +1,28 @@
-"""Iteration-level (continuous) batching with chunked prefill and preemption by recompute.
+"""Iteration-level (continuous) batching with chunked prefill, preemption by recompute, and
+fairness between clients.
 
-Every step fills a token budget. First the RUNNING sequences, oldest first: one token for
-each decode, and the next chunk of any prompt still being prefilled. When blocks run out,
-the most recently admitted sequence is preempted: its blocks are freed and it goes back to
-the front of the queue, to be recomputed later (its full blocks usually survive in the
-prefix cache). Next, if nobody was preempted, WAITING sequences are admitted in arrival
-order while the budget, the sequence limit and the free blocks allow, their cached prefix
-claimed and the rest of their prompt chunked to fit the budget.
+Every step fills a token budget in three passes:
+  1. DECODES: one token for every running sequence whose prompt is computed, oldest first.
+     They always go: a decode never waits behind a prompt.
+  2. PREFILL CHUNKS of running sequences still computing their prompt, then
+  3. ADMISSIONS from the waiting queue, their cached prefix claimed and the rest chunked.
+While decodes run, prompt tokens per step are capped (`max_prefill_tokens`), so one long
+prompt cannot stall every stream for a second; with no decode to protect, prompts get the
+whole budget.
+
+When blocks run out, a sequence is preempted: its blocks are freed and it goes back to the
+front of the queue, to be recomputed later (its full blocks usually survive in the prefix
+cache). The victim comes from the client (`group_id`: the HTTP request a sequence belongs to)
+that holds the most running sequences, newest first, so one client's huge request yields to
+the others rather than the other way round. Admission is fair the same way: the next waiting
+request is the one whose client runs the fewest sequences (then the smallest, then the
+earliest); and a client with nothing running that cannot fit takes the room from a client
+running more sequences than it asks for, one whole request at a time (a request's sequences
+are preempted together).
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from engine.kv_cache import BlockManager
@@ -44,11 +56,27 @@ class ScheduledBatch:
             self.samples.append((seq, len(self.seqs) - 1))
 
 
+@dataclass(slots=True)
+class _Budget:
+    tokens: int                          # tokens this step may still compute
+    prefill: int                         # of those, prompt tokens (a cap while decodes run)
+
+    def prompt_tokens(self, wanted: int) -> int:
+        return min(wanted, self.tokens, self.prefill)
+
+    def spend(self, num_tokens: int, is_prompt: bool) -> None:
+        self.tokens -= num_tokens
+        if is_prompt:
+            self.prefill -= num_tokens
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_prefill_tokens: int | None = None):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_tokens = max_prefill_tokens or max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -61,59 +89,140 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self.max_num_batched_tokens
-        forked: list[Sequence] = []
+        self._preempt_for_starved_client(batch)
+        made_room = len(batch.preempted)
+        has_decodes = any(seq.num_uncomputed_tokens == 1 for seq in self.running)
+        budget = _Budget(self.max_num_batched_tokens,
+                         self.max_prefill_tokens if has_decodes else self.max_num_batched_tokens)
+        self._schedule_decodes(batch, budget)
+        # Blocks ran out while decoding: no prompt gets more this step.
+        if len(batch.preempted) == made_room:
+            self._schedule_prompt_chunks(batch, budget)
+        if len(batch.preempted) == made_room:
+            self._admit_waiting(batch, budget)
+        return batch
 
-        # First, the RUNNING sequences: decodes and unfinished prompt chunks.
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            num_new = min(seq.num_uncomputed_tokens, budget)
+    # -- the three passes ---------------------------------------------------------------
+
+    def _schedule_decodes(self, batch: ScheduledBatch, budget: _Budget) -> None:
+        for seq in [s for s in self.running if s.num_uncomputed_tokens == 1]:
+            if budget.tokens == 0:
+                return
+            if seq.status != SequenceStatus.RUNNING:           # preempted by an earlier one
+                continue
+            if self._allocate_or_preempt(seq, 1, batch):
+                batch.add(seq, 1)
+                budget.spend(1, is_prompt=False)
+
+    def _schedule_prompt_chunks(self, batch: ScheduledBatch, budget: _Budget) -> None:
+        for seq in [s for s in self.running if s.num_uncomputed_tokens > 1]:
+            num_new = budget.prompt_tokens(seq.num_uncomputed_tokens)
+            if num_new == 0:
+                return
+            if seq.status != SequenceStatus.RUNNING:
+                continue
             if not self._allocate_or_preempt(seq, num_new, batch):
-                break                                   # seq preempted itself; nothing after it
+                return
             batch.add(seq, num_new)
-            forked += self._fork_if_prefilled(seq, num_new, batch)
-            budget -= num_new
-            i += 1
-        self.running.extend(forked)
+            self.running.extend(self._fork_if_prefilled(seq, num_new, batch))
+            budget.spend(num_new, is_prompt=True)
 
-        # Next, the WAITING ones, in arrival order.
-        while self.waiting and budget > 0 and not batch.preempted:
-            seq = self.waiting[0]
+    def _admit_waiting(self, batch: ScheduledBatch, budget: _Budget) -> None:
+        size = self.block_manager.block_size
+        while self.waiting and budget.prompt_tokens(1):
+            seq = self._next_waiting()
             if len(self.running) + 1 + len(seq.siblings) > self.max_num_seqs:
-                break
+                return
             cached = self.block_manager.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
-            num_new = min(seq.num_uncomputed_tokens - len(cached) * self.block_manager.block_size, budget)
+            num_new = budget.prompt_tokens(seq.num_uncomputed_tokens - len(cached) * size)
             if not self.block_manager.allocate(seq, num_new, cached, batch.blocks_to_copy):
-                break
-            self.waiting.popleft()
+                return
+            self.waiting.remove(seq)
             self._count_prefix_lookup(batch, seq.num_tokens, len(cached))
             seq.status = SequenceStatus.RUNNING
             if seq.num_preemptions == 0:
-                seq.num_cached_tokens = len(cached) * self.block_manager.block_size
-            seq.num_computed_tokens += len(cached) * self.block_manager.block_size
+                seq.num_cached_tokens = len(cached) * size
+            seq.num_computed_tokens += len(cached) * size
             self.running.append(seq)
             batch.add(seq, num_new)
             self.running.extend(self._fork_if_prefilled(seq, num_new, batch))
-            budget -= num_new
-        return batch
+            budget.spend(num_new, is_prompt=True)
+
+    # -- fairness -------------------------------------------------------------------------
+
+    def _next_waiting(self) -> Sequence:
+        """The waiting request whose client runs the fewest sequences; then the smallest (a
+        request's n completions run together); then the earliest."""
+        running = Counter(seq.group_id for seq in self.running)
+        return min(self.waiting, key=lambda seq: (running[seq.group_id], len(seq.siblings)))
+
+    def _preempt_for_starved_client(self, batch: ScheduledBatch) -> None:
+        """A client with nothing running whose next request cannot fit takes the room from the
+        client running the most, one whole request at a time, while that client runs more
+        sequences than the starved request asks for (so two equal clients never take turns)."""
+        if not self.waiting:
+            return
+        seq = self._next_waiting()
+        if any(s.group_id == seq.group_id for s in self.running):
+            return
+        wanted = 1 + len(seq.siblings)
+        while not self._fits(seq):
+            victims = self._largest_clients_newest_request()
+            if not victims or self._group_size(victims[0].group_id) <= wanted:
+                return
+            for victim in victims:
+                self.running.remove(victim)
+                self.preempt(victim)
+                batch.preempted.append(victim)
+
+    def _fits(self, seq: Sequence) -> bool:
+        if len(self.running) + 1 + len(seq.siblings) > self.max_num_seqs:
+            return False
+        # Its first chunk needs at least one block; more need not be free this step.
+        return self.block_manager.num_free_blocks > 0 or seq.num_tokens <= len(seq.block_table)
+
+    def _largest_clients_newest_request(self) -> list[Sequence]:
+        if not self.running:
+            return []
+        sizes = Counter(seq.group_id for seq in self.running)
+        group = max(sizes, key=sizes.__getitem__)
+        newest = next(seq for seq in reversed(self.running) if seq.group_id == group)
+        return [seq for seq in self.running if seq.request_id == newest.request_id]
+
+    def _group_size(self, group_id: str) -> int:
+        return sum(1 for seq in self.running if seq.group_id == group_id)
+
+    def _pick_victim(self, batch: ScheduledBatch) -> Sequence | None:
+        """Newest sequence of the client running the most, among those this step has not
+        scheduled yet (the one asking for blocks included)."""
+        scheduled = {id(seq) for seq in batch.seqs} | {id(seq) for seq, _ in batch.samples}
+        candidates = [seq for seq in self.running if id(seq) not in scheduled]
+        if not candidates:
+            return None
+        sizes = Counter(seq.group_id for seq in self.running)
+        return max(reversed(candidates), key=lambda seq: sizes[seq.group_id])
+
+    # -- blocks ---------------------------------------------------------------------------
+
+    def _allocate_or_preempt(self, seq: Sequence, num_new: int, batch: ScheduledBatch) -> bool:
+        """Blocks for seq's next tokens, preempting others until they fit. False when seq
+        itself had to go."""
+        while not self.block_manager.allocate(seq, num_new, copies=batch.blocks_to_copy):
+            victim = self._pick_victim(batch)
+            if victim is None:
+                victim = seq
+            self.running.remove(victim)
+            self.preempt(victim)
+            batch.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
 
     def _count_prefix_lookup(self, batch: ScheduledBatch, num_tokens: int, num_hit_blocks: int) -> None:
         # Once per admission, never per blocked attempt.
         if self.block_manager.enable_prefix_caching:
             batch.num_prefix_queries += num_tokens
             batch.num_prefix_hits += num_hit_blocks * self.block_manager.block_size
-
-    def _allocate_or_preempt(self, seq: Sequence, num_new: int, batch: ScheduledBatch) -> bool:
-        """Blocks for seq's next tokens, preempting from the tail until they fit.
-        False when seq itself had to go."""
-        while not self.block_manager.allocate(seq, num_new, copies=batch.blocks_to_copy):
-            victim = self.running.pop()
-            self.preempt(victim)
-            batch.preempted.append(victim)
-            if victim is seq:
-                return False
-        return True
 
     def preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

@@ -43,6 +43,10 @@ class Sequence:
     first_token_time: float | None = None
     siblings: list["Sequence"] = field(default_factory=list)  # forked off this one after its prefill
     sampling_state: Any = None           # the engine's per-sequence sampling state (e.g. its RNG)
+    group_id: str = ""                   # the client request it belongs to (fairness); "": its own
+
+    def __post_init__(self):
+        self.group_id = self.group_id or self.request_id
 
     @property
     def num_tokens(self) -> int:

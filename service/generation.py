@@ -143,10 +143,12 @@ async def admit(server: Server, info: RequestInfo, prompts: Sequence[str | list[
             generator.limits.validate_prompt(prompt.ids)   # all of them, before any is queued
         info.prompt = "\n".join(p.text for p in tokenized if p.text) or None
         gens: list[Generation] = []
+        group = f"{info.request_id}/{next(_ids)}"     # one client request: scheduled fairly as one
         try:
             for prompt in tokenized:
                 stream = await generator.add_request(prompt.ids, params, arrival_time=arrival,
-                                                     request_id=f"{info.request_id}-{next(_ids)}")
+                                                     request_id=f"{info.request_id}-{next(_ids)}",
+                                                     group_id=group)
                 gens.append(Generation(server, info, prompt, stream, arrival))
         except BaseException:
             for gen in gens:

@@ -26,6 +26,8 @@ _HELP = {
     "api_keys": "accepted bearer key (repeatable); none configured means no auth",
     "kv_cache_memory": "bytes for the KV pool, e.g. 2GiB (unset: decided by the device)",
     "max_queue": "waiting generation requests beyond which new ones get 429",
+    "max_prefill_tokens": "prompt tokens per engine step while decodes run, so a long prompt "
+                          "cannot stall the streams (unset: 128 on a CPU, the whole step on a GPU)",
     "drain_timeout": "seconds SIGTERM lets running requests finish before aborting them",
     "log_prompts": "log prompt text (off: only sizes are logged)",
     "max_body_bytes": "largest request body accepted (413 beyond; 0 = no limit)",
@@ -67,6 +69,7 @@ class Settings(BaseSettings):
     quantization: Literal["int8"] | None = _default(EngineConfig, "quantization")
     max_num_seqs: int = Field(_default(EngineConfig, "max_num_seqs"), ge=1)
     max_num_batched_tokens: int = Field(_default(EngineConfig, "max_num_batched_tokens"), ge=1)
+    max_prefill_tokens: int | None = Field(_default(EngineConfig, "max_prefill_tokens"), ge=1)
     block_size: int = Field(_default(EngineConfig, "block_size"), ge=1)
     kv_cache_memory: int | None = _default(EngineConfig, "kv_cache_memory")
     max_model_len: int | None = Field(_default(EngineConfig, "max_model_len"), ge=2)
@@ -134,7 +137,8 @@ class Settings(BaseSettings):
         return EngineConfig(
             device=self.device, dtype=self.dtype, block_size=self.block_size,
             kv_cache_memory=self.kv_cache_memory, max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_prefill_tokens=self.max_prefill_tokens, max_model_len=self.max_model_len,
             enable_prefix_caching=self.enable_prefix_caching, quantization=self.quantization)
 
     def encoder_config(self) -> EncoderConfig:

@@ -103,6 +103,7 @@ def make_seq(seq_id: int, num_prompt_tokens: int, max_tokens: int = 16, first_to
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
-                   max_num_batched_tokens: int = 32, prefix_caching: bool = True) -> Scheduler:
+                   max_num_batched_tokens: int = 32, prefix_caching: bool = True,
+                   max_prefill_tokens: int | None = None) -> Scheduler:
     return Scheduler(BlockManager(num_blocks, block_size, prefix_caching), max_num_seqs,
-                     max_num_batched_tokens)
+                     max_num_batched_tokens, max_prefill_tokens)

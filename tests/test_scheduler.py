@@ -127,3 +127,97 @@ def test_prefix_lookups_are_counted_once_per_admission_not_per_blocked_attempt()
     s.finish(hog, SequenceStatus.FINISHED_STOPPED)
     queries += run_step(s).num_prefix_queries
     assert queries == 12 + 8
+
+
+# -- decodes never wait behind a prompt --------------------------------------------------------
+
+def test_prompts_are_capped_while_decodes_run_and_get_the_whole_budget_alone():
+    s = make_scheduler(num_blocks=256, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
+                       max_prefill_tokens=8)
+    alone = make_seq(0, 100)
+    s.add(alone)
+    assert run_step(s).num_new_tokens == [64]             # nobody decodes: the whole budget
+    run_step(s)                                           # its last 36, and its first token
+    decoders = [make_seq(i, 3) for i in range(1, 4)]
+    for seq in decoders:
+        s.add(seq)
+    assert run_step(s).num_new_tokens == [1, 3, 3, 2]     # one decode, then 8 prompt tokens
+    long_prompt = make_seq(9, 100)
+    s.add(long_prompt)
+    for _ in range(3):
+        batch = run_step(s)
+        decodes = [n for n in batch.num_new_tokens if n == 1]
+        assert batch.num_new_tokens[:len(decodes)] == decodes and len(decodes) >= 4     # decodes first
+        assert sum(n for n in batch.num_new_tokens if n > 1) <= 8                       # prompts capped
+
+
+def test_a_prompt_chunk_never_takes_a_decodes_place():
+    s = make_scheduler(num_blocks=256, block_size=4, max_num_seqs=8, max_num_batched_tokens=6)
+    decoders = [make_seq(i, 1) for i in range(3)]
+    for seq in decoders:
+        s.add(seq)
+    run_step(s)
+    s.add(make_seq(9, 50))
+    for _ in range(5):
+        batch = run_step(s)
+        assert all(seq in batch.seqs for seq in decoders)  # 3 decodes each step, the prompt gets 3
+
+
+# -- fairness between clients -----------------------------------------------------------------
+
+def grouped(seq_id: int, group: str, num_prompt_tokens: int = 3, siblings: int = 0):
+    seq = make_seq(seq_id, num_prompt_tokens, max_tokens=10_000)
+    seq.group_id = group
+    seq.siblings = [make_seq(seq_id * 100 + k + 1, num_prompt_tokens, request_id=seq.request_id)
+                    for k in range(siblings)]
+    for sibling in seq.siblings:
+        sibling.token_ids, sibling.group_id = list(seq.token_ids), group
+    return seq
+
+
+def test_a_client_with_nothing_running_takes_room_from_the_client_running_the_most():
+    s = make_scheduler(num_blocks=512, block_size=4, max_num_seqs=8, max_num_batched_tokens=256)
+    big = [grouped(i, "big", siblings=3) for i in range(4)]          # 4 requests x n=4: 16 sequences
+    for seq in big:
+        s.add(seq)
+    for _ in range(3):
+        run_step(s)
+    assert len(s.running) == 8 and all(seq.group_id == "big" for seq in s.running)
+    canary = grouped(99, "canary")
+    s.add(canary)
+    batch = run_step(s)
+    assert canary in batch.seqs
+    assert {seq.request_id for seq in batch.preempted} == {"r1"}      # the newest big request, whole
+    for _ in range(3):
+        run_step(s)
+        assert canary in s.running or canary.is_finished
+
+
+def test_equal_clients_never_take_turns_preempting_each_other():
+    s = make_scheduler(num_blocks=512, block_size=4, max_num_seqs=4, max_num_batched_tokens=256)
+    first, second = grouped(0, "a", siblings=3), grouped(1, "b", siblings=3)
+    s.add(first)
+    s.add(second)
+    preempted = sum(len(run_step(s).preempted) for _ in range(20))
+    assert preempted == 0 and all(seq.group_id == "a" for seq in s.running)
+
+
+def test_blocks_are_taken_from_the_client_running_the_most_not_from_the_newest_sequence():
+    s = make_scheduler(num_blocks=9, block_size=4, max_num_seqs=8, max_num_batched_tokens=256,
+                       prefix_caching=False)
+    hogs = [grouped(i, "hog", num_prompt_tokens=4) for i in range(3)]
+    lone = grouped(9, "lone", num_prompt_tokens=4)                  # admitted last: the newest
+    for seq in [*hogs, lone]:
+        s.add(seq)
+    preempted = []
+    for _ in range(6):                                              # 2 blocks each, then a third
+        preempted += run_step(s).preempted
+    assert preempted == [hogs[-1]] and lone in s.running
+
+
+def test_among_equally_served_clients_the_smaller_request_goes_first():
+    s = make_scheduler(num_blocks=512, block_size=4, max_num_seqs=16, max_num_batched_tokens=4)
+    large, small = grouped(0, "a", num_prompt_tokens=4, siblings=7), grouped(1, "b", num_prompt_tokens=4)
+    s.add(large)
+    s.add(small)
+    assert run_step(s).seqs == [small]
