@@ -34,13 +34,13 @@ _STALL_SECONDS = 60.0     # a step slower than this means the engine is stuck
 
 @dataclass(slots=True)
 class _Add:
-    request_id: str
-    prompt_ids: list[int]
-    prompt: str | None
+    """Prompts admitted together, all or none (one client request's)."""
+    request_ids: list[str]
+    prompts: list[tuple[list[int], str | None]]      # (token ids, text if given as text)
     params: SamplingParams
     arrival_time: float
     group_id: str | None
-    stream: "RequestStream"
+    streams: list["RequestStream"]
     admitted: asyncio.Future
 
 
@@ -106,8 +106,10 @@ class AsyncLLMEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._num_submitted = 0                 # in the inbox, not yet handed to the engine
-        self._unscheduled: set[str] = set()     # in the engine, not yet given a first step
+        # request id -> its sequences (n), while in the inbox / in the engine before its first step
+        self._submitted: dict[str, int] = {}
+        self._unscheduled: dict[str, int] = {}
+        self._refusing = False                  # past the drain deadline: admit nothing more
         self.step_started_at: float | None = None
         self.error: BaseException | None = None
 
@@ -131,27 +133,19 @@ class AsyncLLMEngine:
         return started is None or time.monotonic() - started < _STALL_SECONDS
 
     @property
-    def num_waiting(self) -> int:
-        """Requests accepted and not yet scheduled: what --max-queue bounds."""
-        with self._lock:
-            return self._num_submitted + len(self._unscheduled)
-
-    @property
-    def num_running(self) -> int:
-        with self._lock:
-            return len(self._streams) - len(self._unscheduled)
-
-    @property
     def num_unfinished(self) -> int:
-        return len(self._streams)
+        """Requests admitted or being admitted that have not finished."""
+        with self._lock:
+            return len(self._streams) + len(self._submitted)
 
     def stats(self) -> GenerationStats:
         """A consistent snapshot, safe from any thread."""
         with self._lock:
-            waiting = self._num_submitted + len(self._unscheduled)
+            waiting = len(self._submitted) + len(self._unscheduled)
+            waiting_seqs = sum(self._submitted.values()) + sum(self._unscheduled.values())
             running = len(self._streams) - len(self._unscheduled)
         num_free_blocks, usage = self._block_stats
-        return GenerationStats(running, waiting, num_free_blocks, usage)
+        return GenerationStats(running, waiting, waiting_seqs, num_free_blocks, usage)
 
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         """listener(stats) after every engine step, on the engine thread."""
@@ -165,39 +159,54 @@ class AsyncLLMEngine:
     async def add_request(self, prompt: str | Seq[int], params: SamplingParams,
                           request_id: str | None = None, arrival_time: float | None = None,
                           group_id: str | None = None) -> RequestStream:
-        """Admit a request (group_id: the client request it belongs to, for fair scheduling).
-        InvalidParameter for a prompt the engine cannot run."""
-        if not self.is_alive:
-            raise EngineStoppedError("the engine loop is not running")
+        """Admit one prompt; see add_requests."""
+        (stream,) = await self.add_requests([prompt], params, [request_id] if request_id else None,
+                                            arrival_time, group_id)
+        return stream
+
+    async def add_requests(self, prompts: Seq[str | Seq[int]], params: SamplingParams,
+                           request_ids: Seq[str] | None = None, arrival_time: float | None = None,
+                           group_id: str | None = None) -> list[RequestStream]:
+        """Admit prompts together, all or none, in one engine iteration (group_id: the client
+        request they belong to, for fair scheduling). Raises InvalidParameter for a prompt the
+        engine cannot run, EngineStoppedError when it is not running or is shutting down."""
+        if not self.is_alive or self._refusing:
+            raise EngineStoppedError("the engine is not running" if not self._refusing
+                                     else "the server is shutting down")
         arrival_time = arrival_time if arrival_time is not None else time.monotonic()
-        request_id = request_id or f"req-{next(self._ids)}"
-        text = prompt if isinstance(prompt, str) else None
-        prompt_ids = (await asyncio.to_thread(self.tokenizer.encode, prompt)
-                      if text is not None else list(prompt))
+        request_ids = list(request_ids or [f"req-{next(self._ids)}" for _ in prompts])
+        encoded = await asyncio.to_thread(self._encode_all, prompts)
         loop = asyncio.get_running_loop()
-        stream = RequestStream(request_id, self, loop)
+        streams = [RequestStream(request_id, self, loop) for request_id in request_ids]
         admitted = loop.create_future()
         with self._lock:
-            self._num_submitted += 1
-        self._inbox.put(_Add(request_id, prompt_ids, text, params, arrival_time, group_id, stream, admitted))
+            self._submitted.update((request_id, params.n) for request_id in request_ids)
+        self._inbox.put(_Add(request_ids, encoded, params, arrival_time, group_id, streams, admitted))
         try:
-            await admitted                      # raises what add_request raised
+            await admitted                      # raises what the engine raised
         except asyncio.CancelledError:
-            self.abort(request_id)
+            for request_id in request_ids:
+                self.abort(request_id)
             raise
-        return stream
+        return streams
+
+    def _encode_all(self, prompts: Seq[str | Seq[int]]) -> list[tuple[list[int], str | None]]:
+        return [(self.tokenizer.encode(p), p) if isinstance(p, str) else (list(p), None) for p in prompts]
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
     def abort_all(self) -> None:
+        """Abort every request, and refuse those still on their way in."""
+        self._refusing = True
         with self._lock:
             request_ids = list(self._streams)
         for request_id in request_ids:
             self.abort(request_id)
 
-    async def drain(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for every request to finish, then abort the rest.
+    async def drain(self, timeout: float, grace: float = 2.0) -> bool:
+        """Wait up to `timeout` seconds for every request to finish, then abort the rest
+        (those being admitted too) and give their answers up to `grace` seconds to go out.
         True when all finished on their own. The caller stops admitting first."""
         deadline = time.monotonic() + timeout
         while self.num_unfinished and time.monotonic() < deadline:
@@ -205,8 +214,9 @@ class AsyncLLMEngine:
         if not self.num_unfinished:
             return True
         self.abort_all()
-        while self.num_unfinished and self.is_alive:
-            await asyncio.sleep(0.05)
+        deadline = time.monotonic() + grace
+        while self.num_unfinished and self.is_alive and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         return False
 
     # -- the engine thread --------------------------------------------------------------
@@ -251,25 +261,41 @@ class AsyncLLMEngine:
             self.engine.abort_request(item.request_id)
             return
         try:
-            self.engine.add_request(item.request_id, item.prompt_ids, item.params, item.arrival_time,
-                                    prompt_text=item.prompt, group_id=item.group_id)
+            self._add_all(item)
         except Exception as exc:
             with self._lock:
-                self._num_submitted -= 1
+                for request_id in item.request_ids:
+                    self._submitted.pop(request_id, None)
             _resolve(item.admitted, exc)
             return
         with self._lock:
-            self._num_submitted -= 1
-            self._unscheduled.add(item.request_id)
-            self._streams[item.request_id] = item.stream
+            for request_id, stream in zip(item.request_ids, item.streams):
+                self._unscheduled[request_id] = self._submitted.pop(request_id)
+                self._streams[request_id] = stream
         _resolve(item.admitted, None)
+
+    def _add_all(self, item: _Add) -> None:
+        """Every prompt of the item, or none: one that fails takes back those before it."""
+        if self._refusing:
+            raise EngineStoppedError("the server is shutting down")
+        added = []
+        try:
+            for request_id, (prompt_ids, text) in zip(item.request_ids, item.prompts):
+                self.engine.add_request(request_id, prompt_ids, item.params, item.arrival_time,
+                                        prompt_text=text, group_id=item.group_id)
+                added.append(request_id)
+        except Exception:
+            for request_id in added:
+                self.engine.abort_request(request_id)
+            raise
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         with self._lock:
             # Requests the scheduler picked up this step stop counting as waiting.
-            self._unscheduled -= {rid for rid in self._unscheduled
-                                  if rid not in self.engine.requests
-                                  or self.engine.requests[rid].metrics.first_scheduled_time is not None}
+            requests = self.engine.requests
+            for rid in [rid for rid in self._unscheduled
+                        if rid not in requests or requests[rid].metrics.first_scheduled_time is not None]:
+                del self._unscheduled[rid]
             for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is None:

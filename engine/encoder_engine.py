@@ -24,6 +24,7 @@ from engine.config import EncoderConfig
 from engine.device import use_cpu_threads
 from engine.encoder_runner import ClassifyOptions, EncoderOutput, EncoderRunner, Inputs, Item, Job, Truncate, run_batch
 from engine.errors import EngineStoppedError, QueueFullError
+from engine.limits import EncoderStats
 
 __all__ = ["ClassifyOptions", "Encoder", "EncoderConfig", "EncoderEngine", "EncoderOutput", "length_buckets",
            "take_batch"]
@@ -108,9 +109,10 @@ class EncoderEngine:
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    @property
-    def num_queued(self) -> int:
-        return len(self._queue)
+    def stats(self) -> EncoderStats:
+        """A consistent snapshot, safe from any thread."""
+        with self._cond:
+            return EncoderStats(num_queued_inputs=len(self._queue), is_alive=self.is_alive)
 
     # --- submitting ---
 

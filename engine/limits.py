@@ -43,6 +43,15 @@ class GenerationLimits:
             raise InvalidParameter(param, f"token id {low if low < 0 else high} is outside the "
                                    f"vocabulary [0, {self.vocab_size})")
 
+    def validate_fit(self, num_prompt_tokens: int, max_tokens: int, param: str = "max_tokens") -> None:
+        """A prompt and an explicit cap on new tokens must fit the model together."""
+        total = num_prompt_tokens + max_tokens
+        if total > self.max_model_len:
+            raise PromptTooLongError(
+                param, f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{total} were asked for ({num_prompt_tokens} in the prompt, {max_tokens} in {param}): "
+                f"shorten the prompt or lower {param}", total, self.max_model_len)
+
     def validate_n(self, n: int) -> None:
         if n > self.max_num_seqs:
             raise InvalidParameter("n", f"n {n} exceeds max_num_seqs {self.max_num_seqs} (the "
@@ -53,8 +62,15 @@ class GenerationLimits:
 class GenerationStats:
     num_running: int                     # requests in the engine, scheduled at least once
     num_waiting: int                     # accepted, not yet scheduled
+    num_waiting_seqs: int                # their sequences (n each): what --max-queue bounds
     num_free_blocks: int
     kv_cache_usage: float                # fraction of KV blocks in use
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderStats:
+    num_queued_inputs: int               # inputs waiting for a batch
+    is_alive: bool                       # the worker thread runs
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
@@ -60,6 +61,8 @@ class Tokenizer:
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         self._chat_templates = chat_templates or {}
         self.chat_template: str | None = self._chat_templates.get("default")
+        self._piece_bytes = _piece_decoder(json.loads(backend.to_str()).get("decoder"))
+        self.token_bytes = functools.lru_cache(maxsize=1 << 16)(self._token_bytes)
 
     def _id_of(self, name: str) -> int | None:
         token = self.special_tokens.get(name)
@@ -118,6 +121,13 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_with_spans(self, text: str, add_special_tokens: bool = True) -> "EncodedText":
+        """Ids, and each token's character span read one at a time: a million-token text never
+        holds Python's lock for long (encode_batch releases it; building every offset at once
+        would hold it for a fifth of a second)."""
+        encoding = self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        return EncodedText(encoding.ids, encoding)
+
     def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, int, int]]:
         """(id, start, stop), character offsets into `text`; added special tokens get (id, 0, 0)."""
         encoding = self._backend.encode(text, add_special_tokens=add_special_tokens)
@@ -125,6 +135,21 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_off_lock(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """decode() for a long list, without holding Python's lock while it runs (decode_batch
+        releases it): a million ids took the whole server's lock for most of a second."""
+        return self._backend.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        """The bytes this token stands for, exactly: a token holding part of a character has
+        those bytes, where decode() would write U+FFFD (OpenAI's logprobs `bytes`)."""
+        piece = self._backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._special_ids:
+            return piece.encode()
+        return self._piece_bytes(piece)
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
@@ -157,6 +182,16 @@ class Tokenizer:
             raise ValueError("this model has no chat template (none in tokenizer_config.json, "
                              "chat_template.jinja or the GGUF metadata); send a plain prompt instead")
         return self.chat_template
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedText:
+    ids: list[int]
+    encoding: tokenizers.Encoding
+
+    def span(self, index: int) -> tuple[int, int]:
+        """Character offsets of token `index` in the text; added special tokens get (0, 0)."""
+        return self.encoding.token_to_chars(index) or (0, 0)
 
 
 class IncrementalDetokenizer:
@@ -223,6 +258,47 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+
+
+# --- token bytes ---
+
+def _piece_decoder(decoder: dict | None):
+    """A vocabulary piece -> its bytes, by how the tokenizer's decoder reads pieces: byte-level
+    BPE (GPT-2, Llama 3, Qwen2, SmolLM2) maps each character back to one byte; sentencepiece
+    pieces spell a space as "▁" and bytes they lack as "<0xNN>" (byte fallback)."""
+    kinds = _decoder_kinds(decoder)
+    if "ByteLevel" in kinds:
+        alphabet = _byte_level_alphabet()
+        return lambda piece: bytes(alphabet.get(ch, ord("?")) for ch in piece)
+
+    def sentencepiece_bytes(piece: str) -> bytes:
+        if "ByteFallback" in kinds and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        if "WordPiece" in kinds and piece.startswith("##"):
+            return piece[2:].encode()
+        return piece.replace("\u2581", " ").encode()
+    return sentencepiece_bytes
+
+
+def _decoder_kinds(decoder: dict | None) -> set[str]:
+    if not decoder:
+        return set()
+    return {decoder.get("type", ""), *(k for d in decoder.get("decoders", []) for k in _decoder_kinds(d))}
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE writes each byte as one printable character: the printable Latin-1 bytes
+    as themselves, the other 68 as the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
 
 
 # --- checkpoint-dir helpers ---

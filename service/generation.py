@@ -123,39 +123,40 @@ class Generation:
 # -- admission ----------------------------------------------------------------------------------
 
 async def admit(server: Server, info: RequestInfo, prompts: Sequence[str | list[int]],
-                params: SamplingParams, *, truncate: int | None = None,
-                add_special_tokens: bool = True) -> list[Generation]:
-    """Queue one engine request per prompt; every rejection raises before anything runs."""
-    arrival = info.arrival                    # when the request reached the server
+                params: SamplingParams, *, truncate: int | None = None, add_special_tokens: bool = True,
+                asked_max_tokens: str | None = None) -> list[Generation]:
+    """Queue one engine request per prompt, all in one engine iteration; every rejection
+    raises before anything runs. --max-queue counts sequences: n for each prompt.
+    asked_max_tokens names the field when the client set the cap itself: then a prompt and
+    cap that do not fit the model together are a 400 (as vLLM), where a default cap is cut."""
     server.require_generator()
     generator, limit = server.generator, server.settings.max_queue
     generator.limits.validate_n(params.n)
-    waiting = generator.num_waiting + server.num_admitting
-    if waiting + len(prompts) > limit:
-        raise APIError(429, f"the queue is full ({waiting} requests waiting, limit {limit}); "
+    num_seqs = len(prompts) * params.n
+    if num_seqs > limit:
+        raise APIError(422, f"the request asks for {num_seqs} sequences ({len(prompts)} prompts x n={params.n}); "
+                       f"this server queues at most {limit} (--max-queue)", param="n", code="invalid_value")
+    waiting = generator.stats().num_waiting_seqs + server.num_admitting
+    if waiting + num_seqs > limit:
+        raise APIError(429, f"the queue is full ({waiting} sequences waiting, limit {limit}); "
                        "retry later", headers={"Retry-After": "1"}, code="queue_full")
-    server.num_admitting += len(prompts)      # reserved before any await: the check stays exact
+    server.num_admitting += num_seqs          # reserved before any await: the check stays exact
     try:
-        tokenized = await asyncio.to_thread(_tokenize_all, server, prompts, add_special_tokens)
+        tokenized = await server.tokenizing(_tokenize_all, server, prompts, add_special_tokens)
         for prompt in tokenized:
             if truncate is not None and len(prompt.ids) > truncate:
                 prompt.ids = prompt.ids[-truncate:]
             generator.limits.validate_prompt(prompt.ids)   # all of them, before any is queued
+            if asked_max_tokens is not None:
+                generator.limits.validate_fit(len(prompt.ids), params.max_tokens, asked_max_tokens)
+        server.require_ready()                # not draining since the request came in
         info.prompt = "\n".join(p.text for p in tokenized if p.text) or None
-        gens: list[Generation] = []
-        group = f"{info.request_id}/{next(_ids)}"     # one client request: scheduled fairly as one
-        try:
-            for prompt in tokenized:
-                stream = await generator.add_request(prompt.ids, params, arrival_time=arrival,
-                                                     request_id=f"{info.request_id}-{next(_ids)}",
-                                                     group_id=group)
-                gens.append(Generation(server, info, prompt, stream, arrival))
-        except BaseException:
-            for gen in gens:
-                gen.abort("error")
-            raise
+        streams = await generator.add_requests(
+            [p.ids for p in tokenized], params, [f"{info.request_id}-{next(_ids)}" for _ in tokenized],
+            info.arrival, group_id=f"{info.request_id}/{next(_ids)}")  # one client request: fair as one
     finally:
-        server.num_admitting -= len(prompts)
+        server.num_admitting -= num_seqs
+    gens = [Generation(server, info, prompt, stream, info.arrival) for prompt, stream in zip(tokenized, streams)]
     num_prompt = sum(len(g.prompt.ids) for g in gens)
     info.prompt_tokens += num_prompt
     server.metrics.prompt_tokens.inc(num_prompt)

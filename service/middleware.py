@@ -13,7 +13,8 @@ import hmac
 import logging
 import re
 import time
-import uuid
+import itertools
+import secrets
 
 from fastapi import HTTPException
 from starlette.datastructures import Headers, MutableHeaders
@@ -26,6 +27,7 @@ access_log = logging.getLogger("service.access")
 logger = logging.getLogger("service")
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})   # no key needed, served while draining
+TOKENIZE_PATHS = frozenset({"/tokenize", "/detokenize"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # What `curl -d` and a plain fetch() send for a JSON body: read as JSON. Any other type that
 # is not JSON (multipart, XML, images, ...) is a 415.
@@ -55,7 +57,7 @@ class ServiceMiddleware:
         headers = Headers(scope=scope)
         path = scope["path"]
         given_id = headers.get("x-request-id", "")
-        info = RequestInfo(request_id=given_id if _REQUEST_ID.match(given_id) else uuid.uuid4().hex,
+        info = RequestInfo(request_id=given_id if _REQUEST_ID.match(given_id) else _new_request_id(),
                            route=self.route_label(path))
         scope["attnserve.info"] = info
         if scope["method"] == "POST" and _media_type(headers) in _READ_AS_JSON:
@@ -85,6 +87,9 @@ class ServiceMiddleware:
         if self.keys and path not in OPEN_PATHS and not self._authorized(headers.get("authorization", "")):
             return APIError(401, "missing or invalid API key: send Authorization: Bearer <key>",
                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if path in TOKENIZE_PATHS and self.server.num_tokenizing >= self.server.settings.max_tokenize_concurrency:
+            # Refused before its body is read: a flood of 1 MB bodies costs no parsing.
+            return self.server.tokenize_slots_full()
         if self.server.status in ("draining", "stopped") and path not in OPEN_PATHS:
             return APIError(503, "the server is shutting down", headers={"Retry-After": "1",
                                                                          "Connection": "close"})
@@ -144,6 +149,16 @@ class ServiceMiddleware:
         access_log.info("%s %s %d %.3fs prompt_tokens=%d completion_tokens=%d id=%s%s",
                         scope["method"], scope["path"], status, duration, info.prompt_tokens,
                         info.completion_tokens, info.request_id, prompt)
+
+
+# Assigned request ids: 32 hex digits, a random prefix per process and a counter (uuid4 per
+# request cost a system call each: measurable when a flood of requests is being refused).
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNTER = itertools.count()
+
+
+def _new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 def _template(route: str) -> str:

@@ -11,9 +11,10 @@ import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Any, Callable
+from functools import lru_cache, partial
+from typing import Any, Callable, TypeVar
 
 from fastapi import Request
 
@@ -22,6 +23,7 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 logger = logging.getLogger("service")
+T = TypeVar("T")
 
 VERSION = "0.1.0"
 # task -> (what it is called, the flag that serves it)
@@ -53,7 +55,14 @@ class Server:
         self.generator = None            # AsyncLLMEngine
         self.encoders: dict[str, Any] = {}   # "embed" / "classify" -> EncoderEngine
         self.model_id = settings.model or settings.embedding_model or settings.classifier_model
-        self.num_admitting = 0           # past the queue check, not yet in the engine
+        self.num_admitting = 0           # sequences past the queue check, not yet in the engine
+        # Tokenizing has threads of its own: admission's (generation, embeddings) and the
+        # /tokenize and /detokenize routes' (bounded: a flood of those cannot delay admission,
+        # and never runs on the event loop).
+        self._admission_pool = ThreadPoolExecutor(4, thread_name_prefix="tokenize-admission")
+        self._tokenize_pool = ThreadPoolExecutor(settings.max_tokenize_concurrency,
+                                                 thread_name_prefix="tokenize-route")
+        self.num_tokenizing = 0          # /tokenize and /detokenize calls running (event loop only)
         self.started_at = int(time.time())
         self._drained: asyncio.Task | None = None
         self.metrics.set_build(VERSION, self.model_id, settings.device, settings.dtype)
@@ -145,19 +154,43 @@ class Server:
         timeout = self.settings.drain_timeout
         logger.info("draining: %d request(s) in flight, up to %.0fs",
                     self.generator.num_unfinished if self.generator else 0, timeout)
-        if self.generator is not None:
-            if not await self.generator.drain(timeout):
-                logger.warning("drain timeout: aborted the requests still running")
-        for encoder in {id(e): e for e in self.encoders.values()}.values():
-            await asyncio.to_thread(encoder.stop, True, timeout)
+        # Generation and the encoders drain side by side, against the one deadline.
+        await asyncio.gather(self._drain_generator(timeout), *(
+            asyncio.to_thread(encoder.stop, True, timeout)
+            for encoder in {id(e): e for e in self.encoders.values()}.values()))
+
+    async def _drain_generator(self, timeout: float) -> None:
+        if self.generator is not None and not await self.generator.drain(timeout):
+            logger.warning("drain timeout: aborted the requests still running")
 
     async def stop(self) -> None:
         await self.drain()
         if self.generator is not None:
             self.generator.abort_all()
             await asyncio.sleep(0.05)    # let the loop deliver the aborts
-            self.generator.stop()
+            self.generator.stop(timeout=1.0)
+        for pool in (self._admission_pool, self._tokenize_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
         self.status = "stopped"
+
+    # -- tokenizer work -------------------------------------------------------------------------
+
+    async def tokenizing(self, fn: Callable[..., T], *args: Any) -> T:
+        """Admission's tokenizing, on its own threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._admission_pool, partial(fn, *args))
+
+    def tokenize_slot(self) -> "TokenizeSlot":
+        """A slot for one /tokenize or /detokenize call, held until its answer is sent (429
+        when --max-tokenize-concurrency are busy)."""
+        if self.num_tokenizing >= self.settings.max_tokenize_concurrency:
+            raise self.tokenize_slots_full()
+        self.num_tokenizing += 1
+        return TokenizeSlot(self)
+
+    def tokenize_slots_full(self) -> APIError:
+        limit = self.settings.max_tokenize_concurrency
+        return APIError(429, f"{limit} tokenize calls are running (--max-tokenize-concurrency); retry later",
+                        headers={"Retry-After": "1"}, code="queue_full")
 
     # -- admission ----------------------------------------------------------------------------
 
@@ -216,6 +249,27 @@ def server_of(request: Request) -> Server:
 
 def info_of(request: Request) -> RequestInfo:
     return request.scope["attnserve.info"]
+
+
+class TokenizeSlot:
+    """Work of one /tokenize or /detokenize call, on those routes' own threads."""
+
+    def __init__(self, server: Server):
+        self.server, self.released = server, False
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.server._tokenize_pool, partial(fn, *args))
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.server.num_tokenizing -= 1
+
+    async def __aenter__(self) -> "TokenizeSlot":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.release()
 
 
 def _warm_up(engine) -> None:

@@ -47,6 +47,20 @@ Penalty = Annotated[float, Field(ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)]
 RepetitionPenalty = Annotated[float, Field(gt=0.0, le=MAX_REPETITION_PENALTY)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 TokenId = int_in(0, 2**31 - 1)
+
+
+def _integral_items(value: Any) -> Any:
+    # One call for the whole list, then pydantic checks each item natively: a million ids
+    # validated item by item in Python held the event loop for most of a second.
+    if isinstance(value, list) and float in set(map(type, value)):
+        return [int(v) if isinstance(v, float) and v.is_integer() else v for v in value]
+    return value
+
+
+def token_ids(min_length: int = 0, max_length: int = MAX_PROMPT_IDS):
+    """A list of token ids (integral floats such as 5.0 taken as ints, as JSON Schema does)."""
+    return Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]],
+                     Field(min_length=min_length, max_length=max_length), BeforeValidator(_integral_items)]
 NonEmptyText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 
 
@@ -91,7 +105,8 @@ class Strict(BaseModel):
                 if _SURROGATE.search(item):
                     raise ValueError("the text is not valid Unicode (it holds a lone surrogate)")
             elif isinstance(item, list):
-                pending += item
+                if set(map(type, item)) != {int}:      # (a million token ids: passed over in C)
+                    pending += item
             elif isinstance(item, dict):
                 pending += item.keys()
                 pending += item.values()
@@ -253,7 +268,7 @@ class SimpleToken(BaseModel):
 
 
 class DetokenizeRequest(Strict):
-    inputs: Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)]
+    inputs: token_ids()
     skip_special_tokens: bool = True
 
 
@@ -287,6 +302,7 @@ class Info(BaseModel):
     classifier_model_id: str | None = None
     max_batch_tokens: int                     # the encoders' batch limits (TEI's names)
     max_batch_size: int
+    num_queued_inputs: int = 0                # inputs waiting for the encoders
     version: str
 
 
@@ -311,7 +327,7 @@ class SamplingFields(Strict):
     n: int_in(1, MAX_N) = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = None
     seed: Seed | None = None
     presence_penalty: Penalty | None = None
@@ -322,16 +338,9 @@ class SamplingFields(Strict):
     logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = Field(
         None, description="not supported: null or {}")
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v):
-        if isinstance(v, str) and not v:
-            raise ValueError("a stop string must not be empty")
-        return v
 
 
-
-PromptIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_IDS)]
+PromptIds = token_ids(min_length=1)
 
 
 class CompletionRequest(SamplingFields):

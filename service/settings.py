@@ -38,6 +38,10 @@ _HELP = {
     "max_batch_tokens": "encoder: most tokens (padding included) in one batch",
     "max_batch_size": "encoder: most inputs in one batch",
     "batch_wait_ms": "encoder: longest an input waits for others to fill its batch",
+    "max_encoder_queue": "inputs waiting for the encoders beyond which new requests get 429 (one "
+                         "request may hold up to this many, at most 2048)",
+    "max_tokenize_concurrency": "/tokenize and /detokenize calls served at once (429 beyond); they "
+                                "run on threads of their own",
     "strict_model_names": "answer 404 to a model name that is not served (off: a name no model "
                           "has falls back to the one model of its task, as TGI and llama.cpp do)",
     "auto_truncate": "encoders: cut inputs longer than the model allows instead of answering 400 "
@@ -84,6 +88,8 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(_default(EncoderConfig, "max_batch_tokens"), ge=1)
     max_batch_size: int = Field(_default(EncoderConfig, "max_batch_size"), ge=1)
     batch_wait_ms: float = Field(_default(EncoderConfig, "batch_wait_ms"), ge=0)
+    max_tokenize_concurrency: int = Field(2, ge=1)
+    max_encoder_queue: int = Field(_default(EncoderConfig, "max_queue"), ge=1)
     strict_model_names: bool = False
     auto_truncate: bool = False
     max_new_tokens_limit: int | None = Field(None, ge=1)
@@ -143,9 +149,11 @@ class Settings(BaseSettings):
 
     def encoder_config(self) -> EncoderConfig:
         """The encoders these flags describe."""
+        per_request = min(_default(EncoderConfig, "max_inputs_per_request"), self.max_encoder_queue)
         return EncoderConfig(
             device=self.device, dtype=self.dtype, max_batch_tokens=self.max_batch_tokens,
-            max_batch_size=self.max_batch_size, batch_wait_ms=self.batch_wait_ms)
+            max_batch_size=self.max_batch_size, batch_wait_ms=self.batch_wait_ms,
+            max_queue=self.max_encoder_queue, max_inputs_per_request=per_request)
 
     def __repr__(self) -> str:                # keys never reach logs
         shown = {k: ("***" if k == "api_keys" and v else v) for k, v in self.model_dump().items()}

@@ -159,7 +159,7 @@ def test_engine_limits(make_engine):
     run = engine.runner.run
     engine.runner.run = lambda items: release.wait(30) and run(items)
     futures = [engine.submit_embed(["x"] * 4)]
-    while engine.num_queued:                                           # the worker holds these
+    while engine.stats().num_queued_inputs:                                           # the worker holds these
         time.sleep(0.001)
     futures += [engine.submit_embed(["y"] * 4), engine.submit_embed(["z"] * 4)]
     with pytest.raises(QueueFullError):
@@ -182,7 +182,7 @@ def test_cancelled_requests_are_not_run(make_engine):
         return run(items)
     engine.runner.run = held
     first = engine.submit_embed("first")
-    while engine.num_queued:
+    while engine.stats().num_queued_inputs:
         time.sleep(0.001)
     cancelled = engine.submit_embed([[101, 2, 102]])
     assert cancelled.cancel()

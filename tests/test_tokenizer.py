@@ -454,3 +454,17 @@ def test_generation_config_adds_end_of_generation_ids(spm_reference, tmp_path):
 def test_no_tokenizer_files_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Tokenizer.from_dir(tmp_path)
+
+
+# --- each token's own bytes (OpenAI logprobs `bytes`) ------------------------------------------
+
+@pytest.mark.parametrize("kind", ["spm_json", "spm_model_dir", "spm_gguf", "smollm_gguf"])
+def test_token_bytes_join_to_the_text_even_inside_characters(kind, request):
+    ours, _ = request.getfixturevalue(kind)
+    for text in ["Émojis 🎉🔥 and 日本語 and e\u0301 combining", "plain words", "a🎉b", " lead and trail "]:
+        ids = ours.encode(text, add_special_tokens=False)
+        joined = b"".join(ours.token_bytes(i) for i in ids)
+        # sentencepiece adds a leading "▁" to the first word; its bytes are that space
+        assert joined in (text.encode(), b" " + text.encode()), (kind, text, joined)
+    split = [i for i in ours.encode("🎉", add_special_tokens=False) if ours.token_bytes(i) != b" "]
+    assert len(split) > 1 and all(len(ours.token_bytes(i)) < 4 for i in split)   # parts of one emoji

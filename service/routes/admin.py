@@ -34,7 +34,7 @@ def _require_alive(server) -> None:
     if server.generator is not None and not server.generator.is_alive:
         raise APIError(503, "the engine loop is not running or is stuck")
     for task, encoder in server.encoders.items():
-        if not encoder.is_alive and server.status == "ready":
+        if not encoder.stats().is_alive and server.status == "ready":
             raise APIError(503, f"the {task} encoder is not running")
 
 
@@ -46,9 +46,11 @@ async def info(request: Request):
         server.require_ready()                  # (the latter: stopping before anything loaded)
     encoders = server.encoder_ids()
     settings = server.settings
+    queued = sum(e.stats().num_queued_inputs for e in {id(e): e for e in server.encoders.values()}.values())
     common = {"model_id": server.model_id, "max_queue": settings.max_queue, "version": VERSION,
               "max_batch_tokens": settings.max_batch_tokens, "max_batch_size": settings.max_batch_size,
-              "embedding_model_id": encoders.get("embed"), "classifier_model_id": encoders.get("classify")}
+              "embedding_model_id": encoders.get("embed"), "classifier_model_id": encoders.get("classify"),
+              "num_queued_inputs": queued}
     if server.generator is None:              # encoder-only: TEI's answer, generation fields null
         limits = next(iter(server.encoders.values())).limits
         return {**common, "model_dtype": limits.dtype, "model_device_type": _device_type(limits.device),

@@ -46,6 +46,16 @@ def _sampling(body: SamplingFields, max_tokens: int, logprobs: int | None):
         repetition_penalty=body.repetition_penalty or 1.0, logprobs=logprobs)
 
 
+def logprob_token(server: Server, token_id: int) -> str:
+    """A token as OpenAI's logprobs print it: its text, or "bytes:\\xe4\\xbd" when it holds
+    only part of a character (its exact bytes are in `bytes`)."""
+    raw = server.tokenizer.token_bytes(token_id)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 def logprob_or_floor(x: float) -> float:
     return x if math.isfinite(x) else -9999.0       # OpenAI's floor for "impossible"
 
@@ -111,11 +121,11 @@ class ChunkStream:
 def completion_logprobs(server: Server, tokens: list[GeneratedToken], offset: int) -> dict:
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for t in tokens:
-        out["tokens"].append(server.token_text(t.id))
+        out["tokens"].append(logprob_token(server, t.id))
         out["token_logprobs"].append(logprob_or_floor(t.logprob))
         top: dict[str, float] = {}
         for i, lp in t.top_logprobs or []:      # most likely first; two ids may print alike
-            top.setdefault(server.token_text(i), logprob_or_floor(lp))
+            top.setdefault(logprob_token(server, i), logprob_or_floor(lp))
         out["top_logprobs"].append(top or None)
         out["text_offset"].append(offset)
         offset += len(t.text)
@@ -140,7 +150,7 @@ def _echo(server: Server, gen: Generation, with_logprobs: bool) -> tuple[str, di
         offsets = [0]
         for i in ids[:-1]:
             offsets.append(offsets[-1] + len(server.token_text(i)))
-    return text, {"tokens": [server.token_text(i) for i in ids], "token_logprobs": [None] * len(ids),
+    return text, {"tokens": [logprob_token(server, i) for i in ids], "token_logprobs": [None] * len(ids),
                   "top_logprobs": [None] * len(ids), "text_offset": offsets}
 
 
@@ -158,7 +168,8 @@ async def completions(body: CompletionRequest, request: Request):
     max_tokens = max_new_tokens(server, asked, "max_tokens", route_default=16)
     prompts = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
     params = _sampling(body, max_tokens, body.logprobs)
-    gens = await admit(server, info_of(request), prompts, params)
+    gens = await admit(server, info_of(request), prompts, params,
+                       asked_max_tokens="max_tokens" if asked is not None else None)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT}
     if body.stream:
@@ -203,8 +214,9 @@ async def _completion_events(request: Request, body: CompletionRequest, gens: li
 
 def chat_logprobs(server: Server, tokens: list[GeneratedToken]) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
-        text = server.token_text(token_id)
-        return {"token": text, "logprob": logprob_or_floor(logprob), "bytes": list(text.encode("utf-8"))}
+        # A special token adds nothing to the content: no bytes (null), so bytes join to it.
+        raw = None if server.tokenizer.is_special(token_id) else list(server.tokenizer.token_bytes(token_id))
+        return {"token": logprob_token(server, token_id), "logprob": logprob_or_floor(logprob), "bytes": raw}
     return {"content": [{**entry(t.id, t.logprob),
                          "top_logprobs": [entry(i, lp) for i, lp in (t.top_logprobs or [])]}
                         for t in tokens]}
@@ -240,7 +252,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = _sampling(body, max_tokens, top)
     prompt = await _render_chat(server, body)
-    (gen,) = await admit(server, info_of(request), [prompt], params, add_special_tokens=False)
+    asked = field if getattr(body, field) is not None else None
+    (gen,) = await admit(server, info_of(request), [prompt], params, add_special_tokens=False,
+                         asked_max_tokens=asked)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT}
     if body.stream:

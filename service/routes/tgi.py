@@ -8,18 +8,20 @@ generated_text keeps the stop sequence that ended it, as TGI does.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import random
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from engine.outputs import CompletionOutput, GeneratedToken
+from engine.tokenizer import EncodedText
 from engine.sampling import SamplingParams
 from service.errors import APIError, openapi_errors
 from service.generation import Generation, admit, collect, event_stream, max_new_tokens
-from service.runtime import Server, info_of, server_of
+from service.runtime import Server, TokenizeSlot, info_of, server_of
 from service.schemas import (DetokenizeRequest, DetokenizeResponse, GenerateParameters, GenerateRequest,
                              GenerateResponse, SimpleToken, TokenizeRequest)
 
@@ -81,7 +83,9 @@ async def _start(request: Request, body: GenerateRequest) -> tuple[Generation, i
     server = server_of(request)
     server.require_generator()
     params, seed = tgi_sampling(server, body.parameters)
-    gens = await admit(server, info_of(request), [body.inputs], params, truncate=body.parameters.truncate)
+    asked = "parameters.max_new_tokens" if "max_new_tokens" in body.parameters.model_fields_set else None
+    gens = await admit(server, info_of(request), [body.inputs], params, truncate=body.parameters.truncate,
+                       asked_max_tokens=asked)
     return gens[0], seed
 
 
@@ -147,31 +151,56 @@ async def _events(request: Request, gen: Generation, seed: int | None, p: Genera
 
 # -- tokens ----------------------------------------------------------------------------------
 
-@router.post("/tokenize", response_model=list[SimpleToken], responses=openapi_errors(401, 404, 413, 422, 503),
+_TOKENIZE_ERRORS = openapi_errors(401, 404, 413, 422, 429, 503)
+_TOKENS_PER_CHUNK = 8192
+
+
+@router.post("/tokenize", response_model=list[SimpleToken], responses=_TOKENIZE_ERRORS,
              summary="Tokenize text (TGI): ids with their text and character offsets")
 async def tokenize(body: TokenizeRequest, request: Request):
     server = server_of(request)
     server.require_generator()
-    # A long input has a big answer (1 MB of text: a million tokens, 50 MB of JSON): it is built
-    # and encoded off the event loop, so the other requests go on meanwhile.
-    content = await asyncio.to_thread(_tokenize_json, server, body.inputs, body.add_special_tokens)
-    return Response(content, media_type="application/json")
+    slot = server.tokenize_slot()
+    try:
+        encoded = await slot.run(server.tokenizer.encode_with_spans, body.inputs, body.add_special_tokens)
+    except BaseException:
+        slot.release()
+        raise
+    # A long input has a big answer (1 MB of text: a million tokens, ~30 MB of JSON): it is
+    # written in pieces on the slot's threads and streamed, never held whole.
+    return StreamingResponse(_json_pieces(server, slot, body.inputs, encoded), media_type="application/json",
+                             background=BackgroundTask(slot.release))
 
 
-def _tokenize_json(server: Server, text: str, add_special_tokens: bool) -> bytes:
-    tokens = [{"id": i, "text": text[start:stop] if stop > start else server.token_text(i),
-               "start": start, "stop": stop} for i, start, stop in
-              server.tokenizer.encode_with_offsets(text, add_special_tokens)]
-    return json.dumps(tokens, ensure_ascii=False, separators=(",", ":")).encode()
+async def _json_pieces(server: Server, slot: TokenizeSlot, text: str, encoded: EncodedText):
+    try:
+        yield b"["
+        for start in range(0, len(encoded.ids), _TOKENS_PER_CHUNK):
+            piece = await slot.run(_tokens_json, server, text, encoded, start)
+            yield (b"," if start else b"") + piece
+        yield b"]"
+    finally:
+        slot.release()
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse, responses=openapi_errors(401, 404, 413, 422, 503),
+def _tokens_json(server: Server, text: str, encoded: EncodedText, first: int) -> bytes:
+    items = []
+    for index in range(first, min(first + _TOKENS_PER_CHUNK, len(encoded.ids))):
+        token_id, (start, stop) = encoded.ids[index], encoded.span(index)
+        items.append({"id": token_id, "text": text[start:stop] if stop > start else server.token_text(token_id),
+                      "start": start, "stop": stop})
+    return json.dumps(items, ensure_ascii=False, separators=(",", ":"))[1:-1].encode()
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=_TOKENIZE_ERRORS,
              summary="Token ids back to text")
 async def detokenize(body: DetokenizeRequest, request: Request):
     server = server_of(request)
     server.require_generator()
     vocab = server.generator.limits.vocab_size
-    bad = [i for i in body.inputs if i >= vocab]
-    if bad:
-        raise APIError(422, f"inputs: token id {bad[0]} is outside the vocabulary [0, {vocab})", param="inputs")
-    return {"text": server.tokenizer.decode(body.inputs, skip_special_tokens=body.skip_special_tokens)}
+    bad = next((i for i in body.inputs if i >= vocab), None)
+    if bad is not None:
+        raise APIError(422, f"inputs: token id {bad} is outside the vocabulary [0, {vocab})", param="inputs")
+    async with server.tokenize_slot() as slot:
+        text = await slot.run(server.tokenizer.decode_off_lock, body.inputs, body.skip_special_tokens)
+    return {"text": text}
