@@ -8,7 +8,7 @@ publishes; readers never touch the block manager or the scheduler the engine thr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from engine.errors import InvalidParameter, PromptTooLongError
 
@@ -51,6 +51,12 @@ class GenerationLimits:
                 param, f"this model's maximum context length is {self.max_model_len} tokens, but "
                 f"{total} were asked for ({num_prompt_tokens} in the prompt, {max_tokens} in {param}): "
                 f"shorten the prompt or lower {param}", total, self.max_model_len)
+
+    def validate_logit_bias(self, logit_bias: Mapping[int, float] | None) -> None:
+        bad = next((i for i in (logit_bias or ()) if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidParameter("logit_bias", f"logit_bias: token id {bad} is outside the vocabulary "
+                                   f"[0, {self.vocab_size})")
 
     def validate_n(self, n: int) -> None:
         if n > self.max_num_seqs:
