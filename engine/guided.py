@@ -263,17 +263,16 @@ def disallow(bitmask: torch.Tensor, row: int, token_ids: Sequence[int]) -> None:
         words[row, token_id // 32] &= np.uint32(~(1 << (token_id % 32)) & 0xFFFFFFFF)
 
 
-def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> np.ndarray:
     """(rows, words) int32 bits -> (rows, vocab_size) bool, True where allowed."""
     bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")
-    return torch.from_numpy(bits[:, :vocab_size].view(np.bool_))
+    return bits[:, :vocab_size].view(np.bool_)
 
 
 def apply_bitmask(logits: torch.Tensor, rows: Sequence[int], bitmask: torch.Tensor) -> torch.Tensor:
     """logits (num_rows, vocab) with every token a row's mask forbids at -inf (a new tensor);
-    rows[i] is the logits row bitmask[i] applies to."""
-    vocab = logits.shape[1]
-    allowed = unpack_bitmask(bitmask, vocab).to(logits.device)          # (len(rows), vocab)
-    index = torch.tensor(list(rows), dtype=torch.long, device=logits.device)
-    masked = torch.where(allowed, logits[index], float("-inf"))
-    return logits.index_put((index,), masked)
+    rows[i] is the logits row bitmask[i] applies to, the other rows are left as they are."""
+    num_rows, vocab = logits.shape
+    allowed = np.ones((num_rows, vocab), dtype=np.bool_)
+    allowed[list(rows)] = unpack_bitmask(bitmask, vocab)
+    return torch.where(torch.from_numpy(allowed).to(logits.device), logits, float("-inf"))

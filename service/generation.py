@@ -132,6 +132,7 @@ async def admit(server: Server, info: RequestInfo, prompts: Sequence[str | list[
     server.require_generator()
     generator, limit = server.generator, server.settings.max_queue
     generator.limits.validate_n(params.n)
+    generator.limits.validate_logit_bias(params.logit_bias)
     num_seqs = len(prompts) * params.n
     if num_seqs > limit:
         raise APIError(422, f"the request asks for {num_seqs} sequences ({len(prompts)} prompts x n={params.n}); "

@@ -4,7 +4,9 @@
 TGI semantics: max_new_tokens defaults to 100; sampling happens when do_sample is true or a
 sampling option (temperature != 1, top_k, top_p < 1, min_p) is set, and temperature 0 is
 always greedy; a sampled request without a seed gets one, reported in details.seed;
-generated_text keeps the stop sequence that ended it, as TGI does.
+generated_text keeps the stop sequence that ended it, as TGI does. parameters.grammar constrains
+the text (a JSON schema or a regex; service/structured.py); decoder_input_details fills
+details.prefill with each prompt token's logprob (the first's null).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from engine.sampling import SamplingParams
 from service.errors import APIError, openapi_errors
 from service.generation import Generation, admit, collect, event_stream, max_new_tokens
 from service.runtime import Server, TokenizeSlot, info_of, server_of
+from service.structured import tgi_constraint
 from service.schemas import (DetokenizeRequest, DetokenizeResponse, GenerateParameters, GenerateRequest,
                              GenerateResponse, SimpleToken, TokenizeRequest)
 
@@ -50,7 +53,8 @@ def tgi_sampling(server: Server, p: GenerateParameters) -> tuple[SamplingParams,
         top_k=p.top_k if p.top_k not in (None, 0) else -1, top_p=p.top_p or 1.0, min_p=p.min_p or 0.0,
         repetition_penalty=p.repetition_penalty or 1.0, frequency_penalty=p.frequency_penalty or 0.0,
         presence_penalty=p.presence_penalty or 0.0, seed=seed if sample else None, stop=list(p.stop),
-        ignore_eos=p.ignore_eos, logprobs=p.top_n_tokens or None)
+        ignore_eos=p.ignore_eos, logprobs=p.top_n_tokens or None, guided_decoding=tgi_constraint(p.grammar),
+        prompt_logprobs=0 if p.details and p.decoder_input_details else None)
     return params, (seed if sample else None)
 
 
@@ -123,12 +127,18 @@ async def _complete(request: Request, gen: Generation, seed: int | None, p: Gene
         tokens = result.tokens[0]
         answer["details"] = {
             "finish_reason": finish_reason(c), "generated_tokens": len(c.token_ids), "seed": seed,
-            "prefill": [{"id": i, "text": server.token_text(i), "logprob": None}
-                        for i in gen.prompt.ids] if p.decoder_input_details else [],
+            "prefill": _prefill(server, gen, result.output.prompt_logprobs) if p.decoder_input_details else [],
             "tokens": [token_json(t) for t in tokens],
             "top_tokens": [top_tokens_json(server, t) for t in tokens] if p.top_n_tokens else None,
             "best_of_sequences": None}
     return answer
+
+
+def _prefill(server: Server, gen: Generation, entries) -> list[dict]:
+    if entries is None or len(entries) != len(gen.prompt.ids):
+        raise APIError(500, "the prompt logprobs were not computed", error_type="generation")
+    return [{"id": i, "text": server.token_text(i), "logprob": None if e is None else finite_or_none(e.logprob)}
+            for i, e in zip(gen.prompt.ids, entries)]
 
 
 async def _events(request: Request, gen: Generation, seed: int | None, p: GenerateParameters):
