@@ -112,6 +112,8 @@ class Scheduler:
                 continue
             if self._allocate_or_preempt(seq, 1, batch):
                 batch.add(seq, 1)
+                # A prompt's last token may come this way (its chunks left one): fork then too.
+                self.running.extend(self._fork_if_prefilled(seq, 1, batch))
                 budget.spend(1, is_prompt=False)
 
     def _schedule_prompt_chunks(self, batch: ScheduledBatch, budget: _Budget) -> None:
