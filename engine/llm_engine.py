@@ -169,7 +169,7 @@ class LLMEngine:
         request = Request(request_id, text, prompt_ids, params, seqs, completions, RequestMetrics(arrival_time=now))
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
-            seqs[0].needs_prompt_logits = len(prompt_ids) > 1
+            seqs[0].prompt_logits_from = 0 if len(prompt_ids) > 1 else None
         self.requests[request_id] = request
         self.scheduler.add(seqs[0])
 
@@ -231,7 +231,7 @@ class LLMEngine:
         return self._collect_outputs(failed)
 
     def _run(self, batch: ScheduledBatch) -> SamplerOutput:
-        wanting = [j for j, seq in enumerate(batch.seqs) if seq.needs_prompt_logits]
+        wanting = [j for j, seq in enumerate(batch.seqs) if seq.prompt_logits_from is not None]
         if wanting:
             logits, hidden = self.runner.execute_with_hidden(batch, wanting)
             self._collect_prompt_logprobs(batch, wanting, hidden)
@@ -269,7 +269,8 @@ class LLMEngine:
             collected = request.prompt_logprobs
             collect_prompt_logprobs(collected, request.prompt_token_ids, seq.num_computed_tokens, rows,
                                     self.runner.compute_logits, request.params.prompt_logprobs)
-            seq.needs_prompt_logits = len(collected) < len(request.prompt_token_ids)
+            done = len(collected) == len(request.prompt_token_ids)
+            seq.prompt_logits_from = None if done else len(collected) - 1
 
     def _sample_request(self, seq: Sequence) -> SampleRequest:
         params = self.requests[seq.request_id].params

@@ -8,9 +8,9 @@ prompt tokens):
     positions   0    1    2    3  | 4    5        (a chunk: start 2, n 3)
     logprob of  -    t1   t2   t3 | t4   ...      this chunk gives t3, t4, t5
 
-A sequence that wants them is prefilled without reading the prefix cache (the cached blocks
-hold K/V, not the logits of their tokens), and one preempted and recomputed keeps what it
-has: positions already collected are not collected again.
+A sequence that wants them reads the prefix cache only before the first position still needed
+(cached blocks hold K/V, not the logits of their tokens): a prompt is computed whole the first
+time, and one preempted mid-prefill resumes from the cache up to where its logprobs stopped.
 """
 from __future__ import annotations
 

@@ -135,8 +135,9 @@ class Scheduler:
             seq = self._next_waiting()
             if len(self.running) + 1 + len(seq.siblings) > self.max_num_seqs:
                 return
-            cached = self.block_manager.find_cached_prefix(seq) \
-                if seq.num_computed_tokens == 0 and not seq.needs_prompt_logits else []
+            cached = self.block_manager.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
+            if seq.prompt_logits_from is not None:
+                cached = cached[: seq.prompt_logits_from // size]
             num_new = budget.prompt_tokens(seq.num_uncomputed_tokens - len(cached) * size)
             if not self.block_manager.allocate(seq, num_new, cached, batch.blocks_to_copy):
                 return

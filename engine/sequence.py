@@ -45,9 +45,9 @@ class Sequence:
     sampling_state: Any = None           # the engine's per-sequence sampling state (e.g. its RNG)
     group_id: str = ""                   # the client request it belongs to (fairness); "": its own
     grammar: Any = None                  # its GrammarMatcher (engine/guided.py) when the text is constrained
-    # Its prompt's logprobs are wanted and not all computed yet: every prompt token must run
-    # through the model, so the prefix cache is not read for it.
-    needs_prompt_logits: bool = False
+    # The first position whose logits prompt logprobs still need (None: none): the prefix cache
+    # serves only the blocks before it, the rest of the prompt runs through the model.
+    prompt_logits_from: int | None = None
 
     def __post_init__(self):
         self.group_id = self.group_id or self.request_id
