@@ -167,8 +167,8 @@ class ToolCallParser:
         buffered = self._text + text
         at = buffered.find(OPEN)
         if at != -1:
-            if buffered[:at].strip():
-                self._content(buffered[:at], events)
+            if buffered[:at].strip():                           # (whitespace right before a call is not content)
+                self._content(buffered[:at].rstrip(), events)
             self._text, self._block, self._streaming = "", "", False
             return buffered[at + len(OPEN):]
         keep = _partial_suffix(buffered, OPEN)
