@@ -186,9 +186,11 @@ _KIND_NAMES = {"json": "JSON schema", "regex": "regular expression", "choice": "
                "grammar": "grammar"}
 
 
-def _first_line(message: str) -> str:
-    # llguidance appends its parser state and the grammar after the first lines: not the client's.
-    return message.split("\n<state>", 1)[0].strip()
+def _first_line(message: str, limit: int = 500) -> str:
+    # llguidance appends its parser state and the grammar after the first lines: not the client's;
+    # and a message may quote a whole (huge) regex.
+    message = message.split("\n<state>", 1)[0].strip()
+    return message if len(message) <= limit else message[:limit] + "..."
 
 
 class GrammarMatcher:
@@ -216,7 +218,7 @@ class GrammarMatcher:
     @property
     def is_finished(self) -> bool:
         """Nothing more may follow: the text is complete."""
-        return self._matcher.is_stopped()
+        return self._matcher.is_stopped() and not self._matcher.is_error()
 
     @property
     def is_accepting(self) -> bool:
@@ -239,12 +241,14 @@ _executor = None
 _executor_lock = threading.Lock()
 
 
-def fill_bitmask(matchers: Sequence[GrammarMatcher], vocab_size: int) -> torch.Tensor:
+def fill_bitmask(matchers: Sequence[GrammarMatcher], vocab_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The allowed tokens of each matcher, one row of bits each (bit j of word w: token 32w + j),
-    computed in llguidance's thread pool without Python's lock."""
+    computed in llguidance's thread pool without Python's lock (into `out` if given)."""
     import llguidance
     global _executor
-    bitmask = torch.zeros(len(matchers), bitmask_words(vocab_size), dtype=torch.int32)
+    # numpy allocates it: a torch op on the CPU may wait for a busy intra-op thread pool.
+    bitmask = out if out is not None else torch.from_numpy(
+        np.zeros((len(matchers), bitmask_words(vocab_size)), dtype=np.int32))
     if len(matchers) == 1:
         matchers[0].fill(bitmask, 0)
         return bitmask

@@ -340,6 +340,8 @@ class LLMEngine:
     @staticmethod
     def _advance_grammar(seq: Sequence, completion: CompletionState, token_id: int) -> None:
         """The grammar takes the token; a complete text ends the completion ("stop")."""
+        if seq.grammar.error is not None:          # e.g. a step past llguidance's work limits
+            raise RuntimeError(f"the grammar could not go on: {seq.grammar.error}")
         if not seq.grammar.accept(token_id):
             raise RuntimeError(f"the grammar refused token {token_id} it allowed: {seq.grammar.error}")
         if seq.grammar.is_finished:

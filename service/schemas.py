@@ -521,7 +521,17 @@ class ChatCompletionRequest(SamplingFields):
         "one call, forced by a grammar); {type: function, function: {name}} (that call, forced)")
     parallel_tool_calls: bool | None = Field(None, description="default true; false: at most one call")
     add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = Field(None, description="more variables for the chat template")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="more variables for the chat template (e.g. enable_thinking); not messages, tools, "
+        "add_generation_prompt or chat_template")
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, v):
+        reserved = sorted(set(v or ()) & {"messages", "tools", "add_generation_prompt", "chat_template"})
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} cannot be set here (the request's own fields set them)")
+        return v
 
     @model_validator(mode="after")
     def _top_logprobs(self):

@@ -129,6 +129,8 @@ def test_completions_validation(server, body, param):
      "tools"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "a b"}}]},
      "tools.0.function.name"),
+    ({"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"add_generation_prompt": False}},
+     "chat_template_kwargs"),
     ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required", "guided_regex": "x",
       "tools": [{"type": "function", "function": {"name": "g"}}]}, "guided_regex"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**6}, "max_completion_tokens"),
