@@ -11,8 +11,9 @@ enough that every answer runs to --output-len (a list of 10 items): both kinds g
 same number of tokens, and the ratio is the mask's cost per token (llguidance's masks for the
 step, their unpacking and the masked logits), not a difference in work. The kinds alternate
 level by level (plain C=1, json C=1, plain C=16, json C=16, then again with --repeats), so a
-machine that gets busier hurts both alike; each figure is the best of the repeats. Target:
-json >= 0.8x plain at 16 clients.
+machine that gets busier hurts both alike; each figure is the best of the repeats. Then, in
+process, the share of decode-step time the masks take (a figure a busy machine moves less).
+Target: json >= 0.8x plain at 16 clients.
 """
 from __future__ import annotations
 
@@ -85,6 +86,50 @@ async def drive(url: str, prompts: list[str], concurrencies: list[int], requests
     return results
 
 
+def mask_share(model: str, output_len: int, concurrencies: list[int]) -> dict[int, dict]:
+    """In process, on the same machine state for both: the share of engine step time spent on
+    the masks (llguidance filling them, the sampler applying them) with C constrained sequences
+    decoding together. 1 - share is the throughput ratio the masks alone allow; unlike the HTTP
+    figures, it does not move with what else the machine is doing."""
+    import time
+
+    from engine import LLMEngine, SamplingParams, guided, sampling
+    from engine.config import EngineConfig
+    engine = LLMEngine(model, EngineConfig())
+    spent = {"masks": 0.0}
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent["masks"] += time.perf_counter() - start
+        return wrapper
+    engine._token_masks = timed(engine._token_masks)
+    sampling.apply_bitmask = timed(guided.apply_bitmask)
+    spec = guided.GuidedDecoding("json", SCHEMA)
+    out = {}
+    try:
+        for c in concurrencies:
+            for i in range(c):
+                engine.add_request(f"{c}-{i}", f"Request {c}-{i}. List ten products as JSON.", SamplingParams(
+                    max_tokens=output_len, temperature=0, ignore_eos=True, guided_decoding=spec))
+            engine.step()                                   # the prefill: not a decode step
+            spent["masks"], steps, start = 0.0, 0, time.perf_counter()
+            while engine.has_unfinished_requests():
+                engine.step()
+                steps += 1
+            total = time.perf_counter() - start
+            out[c] = {"steps": steps, "step_ms": total / steps * 1e3, "mask_ms": spent["masks"] / steps * 1e3,
+                      "mask_share": spent["masks"] / total}
+            print(f"  in process C={c:2d}: {out[c]['step_ms']:.1f} ms/step, masks {out[c]['mask_ms']:.2f} ms "
+                  f"({out[c]['mask_share']:.1%})", flush=True)
+    finally:
+        sampling.apply_bitmask = guided.apply_bitmask
+    return out
+
+
 def best(runs: list[dict]) -> dict:
     return max(runs, key=lambda r: r["output_tok_s"])
 
@@ -124,12 +169,16 @@ def main(argv: list[str] | None = None) -> None:
                    "--embedding-model", "none", "--log-level", "warning", *shlex.split(args.server_args)]
         with serve(command, port, "/ready") as url:
             results = asyncio.run(drive(url, prompts, concurrencies, requests_at, args.output_len, args.repeats))
+    share = mask_share(args.model, args.output_len, concurrencies)
     table = report(results, concurrencies)
+    table += "\n\nIn process (decode steps, C constrained sequences together):\n\n" + "\n".join(
+        f"- C={c}: {s['step_ms']:.1f} ms per step, {s['mask_ms']:.2f} ms of it masks ({s['mask_share']:.1%}): "
+        f"{1 - s['mask_share']:.2f}x" for c, s in share.items())
     print(table)
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "command": " ".join(sys.argv), "model": args.model,
-                                         "output_len": args.output_len, "results": results, "table": table},
-                                        indent=1))
+                                         "output_len": args.output_len, "results": results, "in_process": share,
+                                         "table": table}, indent=1))
 
 
 if __name__ == "__main__":
