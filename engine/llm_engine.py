@@ -254,7 +254,8 @@ class LLMEngine:
         matchers = []
         for i in rows:
             seq = batch.samples[i][0]
-            seq.grammar.sync(seq.output_token_ids)       # a no-op unless they disagree
+            if seq.grammar.num_tokens != seq.num_output_tokens:      # never, unless something went wrong
+                seq.grammar.sync(seq.output_token_ids)
             matchers.append(seq.grammar)
         bitmask = fill_bitmask(matchers, self.grammars.vocab_size)
         for k, i in enumerate(rows):

@@ -37,8 +37,9 @@ _STREAM_DOC = {200: {"description": "Server-sent events (text/event-stream), one
 
 # -- parameters ------------------------------------------------------------------------------
 
-def tgi_sampling(server: Server, p: GenerateParameters) -> tuple[SamplingParams, int | None]:
-    """GenerateParameters -> (SamplingParams, the seed to report)."""
+def tgi_sampling(server: Server, p: GenerateParameters, stream: bool = False) -> tuple[SamplingParams, int | None]:
+    """GenerateParameters -> (SamplingParams, the seed to report). Prompt logprobs are computed
+    for details.prefill, which only /generate answers."""
     asked = p.max_new_tokens if "max_new_tokens" in p.model_fields_set else None
     max_tokens = max_new_tokens(server, asked, "parameters.max_new_tokens", route_default=100)
     uses_warpers = (p.temperature not in (None, 1.0) or p.top_k not in (None, 0, -1)
@@ -54,7 +55,7 @@ def tgi_sampling(server: Server, p: GenerateParameters) -> tuple[SamplingParams,
         repetition_penalty=p.repetition_penalty or 1.0, frequency_penalty=p.frequency_penalty or 0.0,
         presence_penalty=p.presence_penalty or 0.0, seed=seed if sample else None, stop=list(p.stop),
         ignore_eos=p.ignore_eos, logprobs=p.top_n_tokens or None, guided_decoding=tgi_constraint(p.grammar),
-        prompt_logprobs=0 if p.details and p.decoder_input_details else None)
+        prompt_logprobs=0 if p.details and p.decoder_input_details and not stream else None)
     return params, (seed if sample else None)
 
 
@@ -83,10 +84,10 @@ def top_tokens_json(server: Server, t: GeneratedToken) -> list[dict]:
              "special": server.tokenizer.is_special(i)} for i, lp in (t.top_logprobs or [])]
 
 
-async def _start(request: Request, body: GenerateRequest) -> tuple[Generation, int | None]:
+async def _start(request: Request, body: GenerateRequest, stream: bool) -> tuple[Generation, int | None]:
     server = server_of(request)
     server.require_generator()
-    params, seed = tgi_sampling(server, body.parameters)
+    params, seed = tgi_sampling(server, body.parameters, stream)
     asked = "parameters.max_new_tokens" if "max_new_tokens" in body.parameters.model_fields_set else None
     gens = await admit(server, info_of(request), [body.inputs], params, truncate=body.parameters.truncate,
                        asked_max_tokens=asked)
@@ -98,14 +99,14 @@ async def _start(request: Request, body: GenerateRequest) -> tuple[Generation, i
 @router.post("/generate", response_model=GenerateResponse, responses=_GEN_ERRORS,
              summary="Generate text (TGI)")
 async def generate(body: GenerateRequest, request: Request):
-    gen, seed = await _start(request, body)
+    gen, seed = await _start(request, body, stream=False)
     return await _complete(request, gen, seed, body.parameters)
 
 
 @router.post("/generate_stream", response_model=None, responses={**_STREAM_DOC, **_GEN_ERRORS},
              summary="Generate text as server-sent events (TGI)")
 async def generate_stream(body: GenerateRequest, request: Request):
-    gen, seed = await _start(request, body)
+    gen, seed = await _start(request, body, stream=True)
     return event_stream(request, _events(request, gen, seed, body.parameters), [gen])
 
 
