@@ -209,7 +209,9 @@ class GenerateParameters(Strict):
     seed: Seed | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = []
     details: bool = False
-    decoder_input_details: bool = False
+    decoder_input_details: bool = Field(
+        False, description="with details on /generate: details.prefill holds each prompt token's id, text and "
+        "logprob (the first's null); a stream has no prefill")
     top_n_tokens: int_in(0, MAX_TOP) | None = None
     return_full_text: bool | None = None
     truncate: PositiveInt | None = Field(None, description="keep only the last N prompt tokens")
@@ -436,7 +438,8 @@ class CompletionRequest(SamplingFields):
         | Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     max_tokens: PositiveInt | None = Field(16, description="default 16, as OpenAI")
     logprobs: int_in(0, MAX_TOP) | None = None
-    echo: bool = False
+    echo: bool = Field(False, description="the prompt starts the text; with logprobs, the prompt tokens' logprobs "
+                       "and top-k too (the first token's null)")
     best_of: int_in(1, 1) | None = Field(None, description="not supported: null or 1")
     suffix: Literal[""] | None = Field(None, description="not supported: null")
 
