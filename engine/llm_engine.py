@@ -15,7 +15,7 @@ from engine.loader import build_model, load_tokenizer, open_checkpoint
 from engine.device import resolve_device, resolve_dtype, use_cpu_threads
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionState, RequestMetrics, RequestOutput
-from engine.quantization import quantize_int8
+from engine.quantization import plan_quantization, quantize_model, summarize
 from engine.sampling import SampleRequest, Sampler, SamplerOutput, SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence, SequenceStatus
@@ -70,12 +70,13 @@ class LLMEngine:
             raise ValueError(f"{model} is an encoder ({self.model_config.architecture}); "
                              "serve it with Encoder, not LLM")
         self.device = resolve_device(self.config.device)
-        self.dtype = resolve_dtype(self.config.dtype, self.device, self.model_config.dtype,
-                                   self.config.quantization)
+        self.dtype = resolve_dtype(self.config.dtype, self.device, self.model_config.dtype)
         self.tokenizer = load_tokenizer(self.checkpoint)
-        model_module = build_model(self.checkpoint, self.dtype, self.device)
-        if self.config.quantization == "int8":
-            model_module = quantize_int8(model_module, self.device, self.dtype)
+        plan = plan_quantization(self.config.quantization, self.checkpoint, self.device)
+        model_module = quantize_model(
+            build_model(self.checkpoint, self.dtype, self.device, plan.gguf_kernels), plan)
+        self.quantization_summary = summarize(model_module, plan)
+        logger.info("quantization: %s", self.quantization_summary)
         self.runner = ModelRunner(model_module, self.model_config, self.config, self.device, self.dtype)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)

@@ -31,7 +31,8 @@ _HELP = {
     "read_timeout": "seconds a client has to send a request's headers, and then its body "
                     "(the connection is closed, after a 408 for a late body; 0 = no limit)",
     "cors_origins": "origins allowed by CORS (comma list; off by default)",
-    "quantization": "int8: int8 weights, bf16 activations (CPUs with AVX-512 BF16; see BENCHMARKS.md)",
+    "quantization": "auto: a Q4_0/Q4_1/Q8_0 GGUF keeps its blocks on the CPU; none: float weights; "
+                    "int8 / int4: quantize every linear at load (CPU; see BENCHMARKS.md)",
     "max_batch_tokens": "encoder: most tokens (padding included) in one batch",
     "max_batch_size": "encoder: most inputs in one batch",
     "batch_wait_ms": "encoder: longest an input waits for others to fill its batch",
@@ -50,7 +51,7 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = []
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantization: Literal["int8"] | None = None
+    quantization: Literal["auto", "none", "int8", "int4"] = "auto"
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(512, ge=1)
     block_size: int = Field(16, ge=1)
@@ -68,7 +69,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(128, ge=1)
     batch_wait_ms: float = Field(2.0, ge=0)
 
-    @field_validator("model", "embedding_model", "classifier_model", "quantization", mode="before")
+    @field_validator("model", "embedding_model", "classifier_model", mode="before")
     @classmethod
     def _none_means_off(cls, value: Any) -> Any:
         return None if isinstance(value, str) and value.strip().lower() in _NO_MODEL else value

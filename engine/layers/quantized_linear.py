@@ -1,0 +1,94 @@
+"""Linear layers and embeddings whose weights stay block-quantized (Q4_0 / Q4_1 / Q8_0).
+
+`QuantizedLinear` multiplies through the C++ kernels (engine/csrc/quant_linear.cpp): each
+activation row is quantized to int8 per block of 32, as llama.cpp does, so a weight block's
+dot product is integer math and only its scales are fp32. That kernel beat a dense fp32
+F.linear at every row count we serve (1 to 512 rows, both the AVX-512 VNNI and the AVX2
+builds; BENCHMARKS.md), so there is no dense path to route large batches to.
+
+`QuantizedEmbedding` dequantizes the rows it looks up, so a tied embedding / LM head keeps
+one quantized copy instead of a float32 one beside it.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from engine.layers.linear import split_shards
+from engine.layers.quant_blocks import BLOCK, BlockRows, PackedBlocks
+
+
+class _PackedWeight(nn.Module):
+    """The buffers of a PackedBlocks and the kernels that read them."""
+
+    def __init__(self, blocks: PackedBlocks, kernels: ModuleType):
+        super().__init__()
+        self.format, self.format_code = blocks.format, blocks.format_code
+        self.in_features, self.out_features = blocks.in_features, blocks.out_features
+        self.register_buffer("codes", blocks.codes, persistent=False)
+        self.register_buffer("scales", blocks.scales, persistent=False)
+        self.register_buffer("mins", blocks.mins, persistent=False)
+        self.kernels = kernels
+
+
+class QuantizedLinear(_PackedWeight):
+    """y = x W^T + b with W in blocks; x of any float dtype (the kernels compute in fp32)."""
+
+    def __init__(self, blocks: PackedBlocks, bias: torch.Tensor | None, kernels: ModuleType,
+                 shard_sizes: dict[str, int] | None = None):
+        super().__init__(blocks, kernels)
+        bias = None if bias is None else bias.detach().float().contiguous()
+        self.register_buffer("bias", bias, persistent=False)
+        self.shard_sizes = shard_sizes           # a MergedLinear's, so split() still works
+
+    @classmethod
+    def from_rows(cls, rows: BlockRows, bias: torch.Tensor | None, kernels: ModuleType,
+                  shard_sizes: dict[str, int] | None = None) -> "QuantizedLinear":
+        return cls(rows.pack(), bias, kernels, shard_sizes)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, kernels: ModuleType) -> "QuantizedLinear":
+        """Quantize a float nn.Linear (or MergedLinear) to Q8_0 (bits=8) or Q4_1 (bits=4)."""
+        rows = BlockRows.quantize(linear.weight, bits)
+        return cls.from_rows(rows, linear.bias, kernels, getattr(linear, "shard_sizes", None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float().contiguous()     # (num_rows, in_features)
+        out = self.kernels.quant_linear(rows, self.codes, self.scales, self.mins, self.format_code,
+                                        self.out_features, self.bias, True)
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return split_shards(out, self.shard_sizes)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{self.format}, bias={self.bias is not None}")
+
+
+class QuantizedEmbedding(_PackedWeight):
+    """nn.Embedding over block-quantized rows, dequantized on lookup to `dtype`."""
+
+    def __init__(self, blocks: PackedBlocks, kernels: ModuleType, dtype: torch.dtype):
+        super().__init__(blocks, kernels)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.kernels.dequantize_rows(self.codes, self.scales, self.mins, self.format_code,
+                                            self.in_features, self.out_features, ids.reshape(-1))
+        return rows.view(*ids.shape, self.in_features).to(self.dtype)   # (*ids.shape, dim)
+
+    def tied_head(self) -> QuantizedLinear:
+        """The LM head reading these same blocks (no copy)."""
+        return QuantizedLinear(PackedBlocks(self.format, self.out_features, self.in_features,
+                                            self.codes, self.scales, self.mins), None, self.kernels)
+
+    def extra_repr(self) -> str:
+        return f"{self.out_features}, {self.in_features}, {self.format}"
+
+
+def quantizable(linear: nn.Linear) -> bool:
+    """Whether a linear layer's rows split into whole blocks."""
+    return linear.in_features % BLOCK == 0
