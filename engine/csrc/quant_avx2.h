@@ -1,6 +1,6 @@
 // Quantized-linear tiles for AVX2 + FMA: a group's 16 output rows as two halves of 8.
 //
-// Integer path: vpmaddubsw (unsigned x signed bytes -> int16 pairs) then vpmaddwd against
+// vpmaddubsw (unsigned x signed bytes -> int16 pairs) then vpmaddwd against
 // ones (-> int32 per four columns, one lane per row). 4-bit products are small enough to sum
 // the 8 quads in int16 first (8 * 2 * 15 * 127 = 30480 < 32767); 8-bit ones are not, and
 // vpmaddubsw needs one unsigned operand: |w| against sign(w) * x, widened every quad.
@@ -67,7 +67,7 @@ inline __m256i block_dot(const __m256i quads[kQuads], const int8_t* xq, int32_t 
   }
 }
 
-// Integer path: out[r * 16 + lane] = row (row + r) of x . weight row (16 * group + lane).
+// out[r * 16 + lane] = row (row + r) of x . weight row (16 * group + lane).
 template <int F, int R>
 inline void tile(const PackedWeight& w, int64_t group, const QuantizedRows& x, int64_t row,
                  float* out) {
@@ -86,50 +86,6 @@ inline void tile(const PackedWeight& w, int64_t group, const QuantizedRows& x, i
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
         if constexpr (F == kQ4_1)
           acc[r] = _mm256_fmadd_ps(load_halves(w.mins + s), _mm256_set1_ps(x.sums[i]), acc[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + kGroupRows * r + 8 * half, acc[r]);
-  }
-}
-
-// Column t (0..3) of a quad for the 8 rows, as fp32.
-template <int F>
-inline __m256 quad_column(__m256i quad, int t) {
-  if constexpr (is_q8(F))
-    return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(quad, 24 - 8 * t), 24));
-  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(quad, 8 * t),
-                                             _mm256_set1_epi32(0xFF)));
-}
-
-// Float path: x in fp32; per block sum(code * x), then the scale.
-template <int F, int R>
-inline void tile(const PackedWeight& w, int64_t group, const FloatRows& x, int64_t row,
-                 float* out) {
-  for (int half = 0; half < 2; ++half) {
-    __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < w.num_blocks; ++b) {
-      __m256i quads[kQuads];
-      load_quads<F>(w.block_codes(group, b, F), half, quads);
-      __m256 dot[R];
-      for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_ps();
-      for (int j = 0; j < kQuads; ++j) {
-        for (int t = 0; t < 4; ++t) {
-          const __m256 codes = quad_column<F>(quads[j], t);   // (8,) column 4j + t
-          for (int r = 0; r < R; ++r) {
-            const float xv = x.values[x.at(row + r, b) * kBlock + 4 * j + t];
-            dot[r] = _mm256_fmadd_ps(codes, _mm256_set1_ps(xv), dot[r]);
-          }
-        }
-      }
-      const int64_t s = w.scale_index(group, b) + 8 * half;
-      const __m256 d = load_halves(w.scales + s);
-      for (int r = 0; r < R; ++r) {
-        const float sum = x.sums[x.at(row + r, b)];
-        if constexpr (F == kQ4_0) dot[r] = _mm256_sub_ps(dot[r], _mm256_set1_ps(8.0f * sum));
-        acc[r] = _mm256_fmadd_ps(dot[r], d, acc[r]);
-        if constexpr (F == kQ4_1)
-          acc[r] = _mm256_fmadd_ps(load_halves(w.mins + s), _mm256_set1_ps(sum), acc[r]);
       }
     }
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + kGroupRows * r + 8 * half, acc[r]);

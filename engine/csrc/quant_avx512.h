@@ -1,8 +1,8 @@
 // Quantized-linear tiles for AVX-512 (F/BW/VL + VNNI): 16 output rows per register.
 //
-// Integer path: per weight block, 8 vpdpbusd (unsigned weight bytes x signed activation
-// bytes, four columns per 32-bit lane) give one exact int32 dot product per output row; one
-// fp32 multiply-add then applies both scales. Float path: the same codes widened to fp32.
+// Per weight block, 8 vpdpbusd (unsigned weight bytes x signed activation bytes, four columns
+// per 32-bit lane) give one exact int32 dot product per output row; one fp32 multiply-add
+// then applies both scales.
 #pragma once
 #include <immintrin.h>
 
@@ -28,12 +28,12 @@ inline int32_t load_i32(const int8_t* p) {
   return v;
 }
 
-// The 8 quads of one (group, block): 4-bit codes as bytes 0..15; 8-bit codes signed, or
-// flipped to unsigned (q + 128) for vpdpbusd.
-template <int F, bool kUnsigned>
+// The 8 quads of one (group, block) as unsigned bytes: 4-bit codes 0..15, 8-bit codes
+// flipped to q + 128.
+template <int F>
 inline void load_quads(const uint8_t* p, __m512i quads[kQuads]) {
   if constexpr (is_q8(F)) {
-    const __m512i flip = _mm512_set1_epi8(kUnsigned ? static_cast<char>(0x80) : 0);
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
     for (int j = 0; j < kQuads; ++j)
       quads[j] = _mm512_xor_si512(_mm512_loadu_si512(p + 64 * j), flip);
   } else {
@@ -46,7 +46,7 @@ inline void load_quads(const uint8_t* p, __m512i quads[kQuads]) {
   }
 }
 
-// Integer path: out[r * 16 + lane] = row (row + r) of x . weight row (16 * group + lane).
+// out[r * 16 + lane] = row (row + r) of x . weight row (16 * group + lane).
 template <int F, int R>
 inline void tile(const PackedWeight& w, int64_t group, const QuantizedRows& x, int64_t row,
                  float* out) {
@@ -54,7 +54,7 @@ inline void tile(const PackedWeight& w, int64_t group, const QuantizedRows& x, i
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < w.num_blocks; ++b) {
     __m512i quads[kQuads];
-    load_quads<F, true>(w.block_codes(group, b, F), quads);
+    load_quads<F>(w.block_codes(group, b, F), quads);
     const __m512 d = load_halves(w.scales + w.scale_index(group, b));
     __m512 m;
     if constexpr (F == kQ4_1) m = load_halves(w.mins + w.scale_index(group, b));
@@ -67,48 +67,6 @@ inline void tile(const PackedWeight& w, int64_t group, const QuantizedRows& x, i
       const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(x.scales[i]));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
       if constexpr (F == kQ4_1) acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.sums[i]), acc[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + kGroupRows * r, acc[r]);
-}
-
-// Column t (0..3) of a quad for the 16 rows, as fp32.
-template <int F>
-inline __m512 quad_column(__m512i quad, int t) {
-  if constexpr (is_q8(F))   // sign-extend byte t of each lane
-    return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(quad, 24 - 8 * t), 24));
-  return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(quad, 8 * t),
-                                             _mm512_set1_epi32(0xFF)));
-}
-
-// Float path: the same result with x in fp32; per block sum(code * x), then the scale.
-template <int F, int R>
-inline void tile(const PackedWeight& w, int64_t group, const FloatRows& x, int64_t row,
-                 float* out) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < w.num_blocks; ++b) {
-    __m512i quads[kQuads];
-    load_quads<F, false>(w.block_codes(group, b, F), quads);
-    __m512 dot[R];
-    for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_ps();
-    for (int j = 0; j < kQuads; ++j) {
-      for (int t = 0; t < 4; ++t) {
-        const __m512 codes = quad_column<F>(quads[j], t);   // (16,) column 4j + t
-        for (int r = 0; r < R; ++r) {
-          const float xv = x.values[x.at(row + r, b) * kBlock + 4 * j + t];
-          dot[r] = _mm512_fmadd_ps(codes, _mm512_set1_ps(xv), dot[r]);
-        }
-      }
-    }
-    const __m512 d = load_halves(w.scales + w.scale_index(group, b));
-    for (int r = 0; r < R; ++r) {
-      const float sum = x.sums[x.at(row + r, b)];
-      if constexpr (F == kQ4_0) dot[r] = _mm512_sub_ps(dot[r], _mm512_set1_ps(8.0f * sum));
-      acc[r] = _mm512_fmadd_ps(dot[r], d, acc[r]);
-      if constexpr (F == kQ4_1)
-        acc[r] = _mm512_fmadd_ps(load_halves(w.mins + w.scale_index(group, b)),
-                                 _mm512_set1_ps(sum), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + kGroupRows * r, acc[r]);

@@ -60,15 +60,6 @@ struct QuantizedRows {
   int64_t at(int64_t row, int64_t block) const { return row * num_blocks + block; }
 };
 
-// Activation rows kept fp32: the exact path.
-struct FloatRows {
-  const float* values;         // (rows, in_features)
-  const float* sums;           // (rows, blocks): sum of each block's values, for mins / zero points
-  int64_t num_blocks;
-
-  int64_t at(int64_t row, int64_t block) const { return row * num_blocks + block; }
-};
-
 // The code of row r (0..15) and column c (0..31) within one (group, block)'s bytes.
 inline int code_at(const uint8_t* block, int format, int r, int c) {
   const int quad = c / 4, t = c % 4;

@@ -31,26 +31,6 @@ inline void tile(const PackedWeight& w, int64_t group, const QuantizedRows& x, i
   }
 }
 
-template <int F, int R>
-inline void tile(const PackedWeight& w, int64_t group, const FloatRows& x, int64_t row,
-                 float* out) {
-  for (int r = 0; r < R; ++r) {
-    for (int lane = 0; lane < kGroupRows; ++lane) {
-      float acc = 0.0f;
-      for (int64_t b = 0; b < w.num_blocks; ++b) {
-        const uint8_t* codes = w.block_codes(group, b, F);
-        const int64_t i = x.at(row + r, b), s = w.scale_index(group, b) + lane;
-        float dot = F == kQ4_0 ? -8.0f * x.sums[i] : 0.0f;
-        for (int c = 0; c < kBlock; ++c)
-          dot = std::fma(static_cast<float>(code_at(codes, F, lane, c)), x.values[i * kBlock + c], dot);
-        acc = std::fma(dot, static_cast<float>(w.scales[s]), acc);
-        if constexpr (F == kQ4_1) acc = std::fma(static_cast<float>(w.mins[s]), x.sums[i], acc);
-      }
-      out[kGroupRows * r + lane] = acc;
-    }
-  }
-}
-
 inline int32_t quantize_block(const float* x, int8_t* codes, float* scale) {
   float amax = 0.0f;
   for (int c = 0; c < kBlock; ++c) amax = std::max(amax, std::fabs(x[c]));

@@ -21,16 +21,29 @@ from engine.layers.quant_blocks import BLOCK, BlockRows, PackedBlocks
 
 
 class _PackedWeight(nn.Module):
-    """The buffers of a PackedBlocks and the kernels that read them."""
+    """The buffers of a PackedBlocks, and the kernels' QuantMatrix over them (no copy)."""
 
-    def __init__(self, blocks: PackedBlocks, kernels: ModuleType):
+    def __init__(self, blocks: PackedBlocks, kernels: ModuleType, bias: torch.Tensor | None = None):
         super().__init__()
-        self.format, self.format_code = blocks.format, blocks.format_code
+        self.format = blocks.format
         self.in_features, self.out_features = blocks.in_features, blocks.out_features
         self.register_buffer("codes", blocks.codes, persistent=False)
         self.register_buffer("scales", blocks.scales, persistent=False)
         self.register_buffer("mins", blocks.mins, persistent=False)
+        bias = None if bias is None else bias.detach().float().contiguous()
+        self.register_buffer("bias", bias, persistent=False)
         self.kernels = kernels
+        self.matrix = kernels.QuantMatrix(blocks.codes, blocks.scales, blocks.mins,
+                                          blocks.format_code, blocks.in_features,
+                                          blocks.out_features, bias)
+
+    def packed(self) -> PackedBlocks:
+        return PackedBlocks(self.format, self.out_features, self.in_features, self.codes,
+                            self.scales, self.mins)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight (out_features, in_features) the blocks stand for."""
+        return self.matrix.rows(torch.arange(self.out_features))
 
 
 class QuantizedLinear(_PackedWeight):
@@ -38,9 +51,7 @@ class QuantizedLinear(_PackedWeight):
 
     def __init__(self, blocks: PackedBlocks, bias: torch.Tensor | None, kernels: ModuleType,
                  shard_sizes: dict[str, int] | None = None):
-        super().__init__(blocks, kernels)
-        bias = None if bias is None else bias.detach().float().contiguous()
-        self.register_buffer("bias", bias, persistent=False)
+        super().__init__(blocks, kernels, bias)
         self.shard_sizes = shard_sizes           # a MergedLinear's, so split() still works
 
     @classmethod
@@ -55,10 +66,7 @@ class QuantizedLinear(_PackedWeight):
         return cls.from_rows(rows, linear.bias, kernels, getattr(linear, "shard_sizes", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float().contiguous()     # (num_rows, in_features)
-        out = self.kernels.quant_linear(rows, self.codes, self.scales, self.mins, self.format_code,
-                                        self.out_features, self.bias, True)
-        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return self.matrix(x)                    # (..., in_features) -> (..., out_features)
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return split_shards(out, self.shard_sizes)
@@ -76,14 +84,11 @@ class QuantizedEmbedding(_PackedWeight):
         self.dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.kernels.dequantize_rows(self.codes, self.scales, self.mins, self.format_code,
-                                            self.in_features, self.out_features, ids.reshape(-1))
-        return rows.view(*ids.shape, self.in_features).to(self.dtype)   # (*ids.shape, dim)
+        return self.matrix.rows(ids).to(self.dtype)                     # (*ids.shape, dim)
 
     def tied_head(self) -> QuantizedLinear:
         """The LM head reading these same blocks (no copy)."""
-        return QuantizedLinear(PackedBlocks(self.format, self.out_features, self.in_features,
-                                            self.codes, self.scales, self.mins), None, self.kernels)
+        return QuantizedLinear(self.packed(), None, self.kernels)
 
     def extra_repr(self) -> str:
         return f"{self.out_features}, {self.in_features}, {self.format}"
