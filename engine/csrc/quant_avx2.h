@@ -22,6 +22,13 @@ inline __m256 load_halves(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// The codes kPrefetchBytes ahead, into L1 (see quant_avx512.h).
+template <int F>
+inline void prefetch_ahead(const uint8_t* codes) {
+  for (int j = 0; j < code_vectors(F); ++j)
+    _mm_prefetch(reinterpret_cast<const char*>(codes + kPrefetchBytes + 64 * j), _MM_HINT_T0);
+}
+
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, sizeof v);
@@ -76,7 +83,9 @@ inline void tile(const PackedWeight& w, int64_t group, const QuantizedRows& x, i
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < w.num_blocks; ++b) {
       __m256i quads[kQuads];
-      load_quads<F>(w.block_codes(group, b, F), half, quads);
+      const uint8_t* codes = w.block_codes(group, b, F);
+      if (half == 0) prefetch_ahead<F>(codes);      // the second half finds the group in cache
+      load_quads<F>(codes, half, quads);
       const int64_t s = w.scale_index(group, b) + 8 * half;
       const __m256 d = load_halves(w.scales + s);
       for (int r = 0; r < R; ++r) {

@@ -22,6 +22,15 @@ inline __m512 load_halves(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
+// The codes kPrefetchBytes ahead, into L1: a decode step streams ~100 MB of blocks. Measured
+// (30 layers + head at 1 row, 1 thread, A/B interleaved): 8% off the step here, 4% on AVX2;
+// 2, 4 and 8 KB ahead did alike.
+template <int F>
+inline void prefetch_ahead(const uint8_t* codes) {
+  for (int j = 0; j < code_vectors(F); ++j)
+    _mm_prefetch(reinterpret_cast<const char*>(codes + kPrefetchBytes + 64 * j), _MM_HINT_T0);
+}
+
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, sizeof v);
@@ -54,7 +63,9 @@ inline void tile(const PackedWeight& w, int64_t group, const QuantizedRows& x, i
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < w.num_blocks; ++b) {
     __m512i quads[kQuads];
-    load_quads<F>(w.block_codes(group, b, F), quads);
+    const uint8_t* codes = w.block_codes(group, b, F);
+    prefetch_ahead<F>(codes);
+    load_quads<F>(codes, quads);
     const __m512 d = load_halves(w.scales + w.scale_index(group, b));
     __m512 m;
     if constexpr (F == kQ4_1) m = load_halves(w.mins + w.scale_index(group, b));

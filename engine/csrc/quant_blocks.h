@@ -27,6 +27,7 @@ namespace attnserve::quant {
 constexpr int kBlock = 32;       // columns per block, for weights and activations alike
 constexpr int kGroupRows = 16;   // output rows packed together
 constexpr int kQuads = 8;        // 4-column quads per block
+constexpr int64_t kPrefetchBytes = 4096;   // software prefetch distance in the codes stream
 
 enum Format : int { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2 };
 

@@ -9,6 +9,7 @@
 // Python holds one QuantMatrix per weight: the checks run once at load, and a call costs one
 // pybind dispatch (a decode step makes ~120 of them).
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <vector>
@@ -114,6 +115,7 @@ class QuantMatrix {
 
   // (..., in_features) -> (..., out_features), in x's dtype.
   at::Tensor forward(const at::Tensor& x) const {
+    RECORD_FUNCTION("attnserve::quant_linear", std::vector<c10::IValue>({x}));   // profiler tables
     TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features_, "x: expected (..., ", in_features_, ")");
     const at::Tensor rows = x.reshape({-1, in_features_}).to(at::kFloat).contiguous();
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -135,6 +137,7 @@ class QuantMatrix {
 
   // Rows `ids` (any shape) of W in fp32: (*ids.shape, in_features). An embedding lookup.
   at::Tensor rows(const at::Tensor& ids) const {
+    RECORD_FUNCTION("attnserve::quant_rows", std::vector<c10::IValue>({ids}));
     TORCH_CHECK(ids.scalar_type() == at::kLong, "ids: expected int64");
     const at::Tensor flat = ids.reshape({-1}).contiguous();
     const int64_t* id = flat.data_ptr<int64_t>();
