@@ -127,11 +127,6 @@ class PackedBlocks:
     def format_code(self) -> int:
         return FORMATS.index(self.format)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins)
-                   if t is not None)
-
     @classmethod
     def pack(cls, rows: BlockRows) -> "PackedBlocks":
         out_features, in_features = rows.shape

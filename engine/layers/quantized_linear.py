@@ -3,8 +3,9 @@
 `QuantizedLinear` multiplies through the C++ kernels (engine/csrc/quant_linear.cpp): each
 activation row is quantized to int8 per block of 32, as llama.cpp does, so a weight block's
 dot product is integer math and only its scales are fp32. That kernel beat a dense fp32
-F.linear at every row count we serve (1 to 512 rows, both the AVX-512 VNNI and the AVX2
-builds; BENCHMARKS.md), so there is no dense path to route large batches to.
+F.linear at every row count we serve (1 to 512 rows: the AVX-512 VNNI build against fp32 on
+the same CPU, the AVX2 build against fp32 limited to AVX2; BENCHMARKS.md), so there is no
+dense path to route large batches to, and a row's result never depends on its batch.
 
 `QuantizedEmbedding` dequantizes the rows it looks up, so a tied embedding / LM head keeps
 one quantized copy instead of a float32 one beside it.
