@@ -80,6 +80,20 @@ def test_int4_generation_runs_batched_with_preemption(tiny_llama):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_a_quantized_request_gets_the_same_tokens_alone_or_batched(tiny_llama):
+    def tokens(num_others: int) -> list[int]:
+        engine = LLMEngine(str(tiny_llama), EngineConfig(num_kv_blocks=64, block_size=4, quantization="int4"))
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        for i in range(num_others):
+            engine.add_request(f"other{i}", list(range(5 + i, 30 + 2 * i)), params)
+        engine.add_request("r", list(range(3, 20)), params)
+        outputs = {}
+        while engine.has_unfinished_requests():
+            outputs |= {o.request_id: o for o in engine.step() if o.finished}
+        return outputs["r"].outputs[0].token_ids
+    assert tokens(0) == tokens(5)
+
+
 def test_auto_quantizes_only_a_block_quantized_gguf_with_kernels(tiny_checkpoints, tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     q4 = open_checkpoint(write_gguf(tiny_hf_model("llama"), tmp_path / "q4.gguf", tensor_type="Q4_1"))
