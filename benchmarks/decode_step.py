@@ -1,6 +1,6 @@
 """Where a decode step's time goes: ms per step at a fixed batch, and the top operators.
 
-    python -m benchmarks.decode_step --batch 1 [--dtype float32] [--quantization int8] [--prompt-len 256]
+    python -m benchmarks.decode_step --batch 1 [--dtype float32] [--quantization auto|none|int8|int4] [--prompt-len 256]
 
 B requests of the same prompt (--prompt-len tokens of the bundled text; default a short sentence)
 decode together (greedy, EOS ignored); after a warm-up,
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--quantization", default=None)
+    parser.add_argument("--quantization", default="auto")
     parser.add_argument("--prompt-len", type=int, default=None, help="tokens of context per sequence")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--top", type=int, default=12)
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
         engine.step()
     step_s = (time.perf_counter() - started) / args.steps
     print(f"machine: {machine()}")
-    print(f"{args.model} {str(engine.dtype).removeprefix('torch.')}"
-          f"{' int8 weights' if args.quantization else ''}, batch {args.batch}: "
+    print(f"{args.model} {str(engine.dtype).removeprefix('torch.')} "
+          f"({engine.quantization_summary}), batch {args.batch}: "
           f"{step_s * 1e3:.1f} ms/step, {args.batch / step_s:.1f} tok/s")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(10):

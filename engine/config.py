@@ -199,14 +199,17 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False          # CUDA: never replay decode steps from CUDA graphs
     num_threads: int | None = None       # torch intra-op threads on CPU; None: all cores
-    quantization: str | None = None      # None | "int8": int8 weights, CPU (engine/quantization.py)
+    quantization: str = "auto"           # auto | none | int8 | int4 (engine/quantization.py)
     seed: int = 0
 
     def __post_init__(self):
         if isinstance(self.kv_cache_memory, str):
             object.__setattr__(self, "kv_cache_memory", parse_bytes(self.kv_cache_memory))
-        if self.quantization not in (None, "int8"):
-            raise ValueError(f"quantization must be None or int8, got {self.quantization!r}")
+        if self.quantization is None:            # the old spelling of "none"
+            object.__setattr__(self, "quantization", "none")
+        if self.quantization not in ("auto", "none", "int8", "int4"):
+            raise ValueError("quantization must be auto, none, int8 or int4, "
+                             f"got {self.quantization!r}")
         _check_device_and_dtype(self.device, self.dtype)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:

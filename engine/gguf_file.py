@@ -3,7 +3,9 @@
 A GGUF file becomes exactly what the equivalent HF checkpoint holds: HF parameter names, HF
 shapes, HF orientation, float32 values. One loader path then serves both formats. Beyond a
 rename, three things differ from an HF checkpoint:
-  * quantized blocks, dequantized here at load by `gguf.quants.dequantize`;
+  * quantized blocks, dequantized here at load by `gguf.quants.dequantize` — or, when the
+    loader asks (`keep_blocks`), Q4_0 / Q4_1 / Q8_0 matrices handed over as `BlockRows`,
+    never through floats;
   * llama.cpp's converter interleaves the rotary halves of the attn_q / attn_k rows (llama
     only; its qwen2 converter leaves them alone), which we undo;
   * GPT-2: the converter stores the Conv1D weights transposed to (out, in); HF keeps (in, out).
@@ -23,6 +25,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
+
+from engine.layers.quant_blocks import FORMATS as BLOCK_FORMATS, BlockRows
 
 # read_metadata adds this key: which tensors the file holds decides tie_word_embeddings.
 TENSOR_NAMES_KEY = "GGUF.tensor_names"
@@ -134,10 +138,17 @@ def validate_gguf(path: str | os.PathLike) -> None:
     _plan(path, _open(path), read_metadata(path))
 
 
-def iter_gguf_tensors(path: str | os.PathLike,
-                      metadata: dict[str, Any] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def has_block_tensors(path: str | os.PathLike) -> bool:
+    """Whether any matrix in the file is Q4_0, Q4_1 or Q8_0 (what `keep_blocks` keeps)."""
+    return any(_is_block_matrix(tensor) for tensor in _open(path).tensors)
+
+
+def iter_gguf_tensors(path: str | os.PathLike, metadata: dict[str, Any] | None = None,
+                      keep_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | BlockRows]]:
     """(HF name, float32 tensor in HF layout) for every tensor in the file, dequantized.
 
+    keep_blocks: Q4_0 / Q4_1 / Q8_0 matrices come as BlockRows instead (rows in HF order),
+    except those HF stores transposed (GPT-2's Conv1D), whose blocks would cut across rows.
     The whole file is checked before the first tensor is produced."""
     reader = _open(path)
     if metadata is None:
@@ -145,7 +156,10 @@ def iter_gguf_tensors(path: str | os.PathLike,
     plan = _plan(path, reader, metadata)
     family = FAMILIES[metadata["general.architecture"]]
     for tensor, hf_name, num_heads in plan:
-        yield hf_name, _to_hf(path, tensor, hf_name, family, num_heads)
+        if keep_blocks and _is_block_matrix(tensor) and not hf_name.endswith(family.transposed):
+            yield hf_name, _to_blocks(tensor, num_heads)
+        else:
+            yield hf_name, _to_hf(path, tensor, hf_name, family, num_heads)
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -228,6 +242,17 @@ def _to_hf(path, tensor: ReaderTensor, hf_name: str, family: _Family,
     if hf_name.endswith(family.transposed):
         weight = weight.T
     return weight.contiguous()
+
+
+def _is_block_matrix(tensor: ReaderTensor) -> bool:
+    return tensor.tensor_type.name in BLOCK_FORMATS and len(tensor.shape) == 2
+
+
+def _to_blocks(tensor: ReaderTensor, num_heads: int | None) -> BlockRows:
+    raw = torch.from_numpy(np.array(tensor.data))   # (rows, row bytes), copied off the memory map
+    if num_heads is not None:                       # a row is whole blocks: move rows, not values
+        raw = _unpermute_rotary(raw, num_heads)
+    return BlockRows.from_gguf(tensor.tensor_type.name, raw)
 
 
 def _unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
