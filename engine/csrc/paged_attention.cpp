@@ -1,0 +1,457 @@
+// Paged attention on the CPU: attention over a step's flattened ragged batch that reads K and V
+// where they sit in the paged cache, through each sequence's block table (no gather copy).
+//
+// The cache holds one tile per (block, KV head); K is transposed in its tile, so a query's dot
+// products with a block's keys are whole-vector FMAs down the head dimension:
+//
+//     k_cache, v_cache: (num_blocks, num_kv_heads, block_size * head_dim)
+//     K tile: (head_dim, block_size)      key j of the block is column j
+//     V tile: (block_size, head_dim)      value j of the block is row j
+//
+// A work item is (sequence, KV head, up to kQueryRows / per_kv of its new tokens). Its rows
+// are those tokens x the query heads of the GQA group, so every K/V tile it reads serves all
+// of them. It walks its keys a tile of whole blocks at a time with an online softmax:
+//
+//     for each key tile [t0, t1) the item can see:
+//         S = Q K^T                                (rows, keys); Q is pre-scaled
+//         per row, over its visible keys only:
+//             m' = max(m, max S)   P = exp(S - m')   l = l e^(m - m') + sum P
+//             O = O e^(m - m') + P V
+//     out = O / l
+//
+// A row's visible keys are one interval [lo, hi): lo = q_pos - window + 1 (or 0), hi = q_pos + 1
+// when causal (else seq_len). Nothing outside it reaches the softmax or P V, so cache slots past
+// a sequence's end may hold anything, NaN included.
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <limits>
+#include <vector>
+
+#include "attention_vec.h"
+#include "registry.h"
+
+namespace attnserve {
+namespace {
+
+using vec::Scalar;
+using vec::Wide;
+
+constexpr int64_t kQueryRows = 48;   // rows per work item: its scores and output stay in L1/L2
+constexpr int64_t kTileKeys = 64;    // keys per softmax step (whole blocks, at least one)
+
+template <typename T>
+struct Problem {
+  const T* q;                        // (num_tokens, num_heads, head_dim), any token/head strides
+  int64_t q_token_stride, q_head_stride;
+  const T* k_cache;                  // (num_blocks, num_kv_heads, block_size * head_dim)
+  const T* v_cache;
+  T* out;                            // (num_tokens, num_heads, head_dim), contiguous
+  const int32_t* cu_seqlens_q;       // (num_seqs + 1,) first row of each sequence
+  const int32_t* seq_lens;           // (num_seqs,) keys per sequence, cached + new
+  const int32_t* block_tables;       // (num_seqs, max_blocks)
+  int64_t max_blocks, num_heads, num_kv_heads, head_dim, block_size;
+  float scale;
+  int64_t window;                    // 0: every earlier key
+  bool causal;
+
+  int64_t per_kv() const { return num_heads / num_kv_heads; }
+  int64_t tile_keys() const { return std::max<int64_t>(1, kTileKeys / block_size) * block_size; }
+  int64_t tile_offset(int64_t seq, int64_t block_index, int64_t kv_head) const {
+    const int64_t block = block_tables[seq * max_blocks + block_index];
+    return (block * num_kv_heads + kv_head) * block_size * head_dim;
+  }
+};
+
+struct WorkItem {
+  int64_t seq, kv_head;
+  int64_t first_query, num_queries;  // which of the sequence's new tokens, in order
+  int64_t cost;                      // rows x visible keys, to hand out the longest first
+};
+
+// The interval of key positions a run of new tokens can see, together.
+struct KeyRange {
+  int64_t lo, hi;
+};
+
+template <typename T>
+int64_t first_position(const Problem<T>& p, int64_t seq, int64_t first_query) {
+  const int64_t query_len = p.cu_seqlens_q[seq + 1] - p.cu_seqlens_q[seq];
+  return p.seq_lens[seq] - query_len + first_query;
+}
+
+template <typename T>
+KeyRange visible_keys(const Problem<T>& p, int64_t seq, int64_t first_pos, int64_t last_pos) {
+  const int64_t lo = p.window > 0 ? std::max<int64_t>(0, first_pos - p.window + 1) : 0;
+  const int64_t hi = p.causal ? last_pos + 1 : p.seq_lens[seq];
+  return {lo, hi};
+}
+
+// Per-thread buffers, sized for the largest item.
+template <typename T>
+struct Scratch {
+  std::vector<float> q, scores, acc, row_max, row_sum, rescale;
+  std::vector<KeyRange> cols;              // the tile columns each row sees
+  std::vector<const T*> value_rows;        // the V row of each key of the current tile
+
+  Scratch(int64_t rows, int64_t head_dim, int64_t tile_keys)
+      : q(rows * head_dim), scores(rows * tile_keys), acc(rows * head_dim), row_max(rows),
+        row_sum(rows), rescale(rows), cols(rows), value_rows(tile_keys) {}
+};
+
+// -- Q K^T ----------------------------------------------------------------------------------
+
+// ROWS rows of scores for one vector's worth of a block's keys (columns col .. col + lanes).
+// q is transposed, (head_dim, q_stride): the ROWS values of one d sit side by side.
+template <int ROWS, typename V, typename T>
+void dot_keys(const float* q, int64_t q_stride, int64_t head_dim, const T* k_tile,
+              int64_t block_size, int64_t col, float* scores, int64_t scores_stride) {
+  V acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = V::zero();
+  const T* k = k_tile + col;
+  for (int64_t d = 0; d < head_dim; ++d, q += q_stride, k += block_size) {
+    const V key = V::load(k);
+    for (int r = 0; r < ROWS; ++r) acc[r] = fma(V::broadcast(q[r]), key, acc[r]);
+  }
+  for (int r = 0; r < ROWS; ++r) acc[r].store(scores + r * scores_stride + col);
+}
+
+// The last `count` rows (0 <= count <= ROWS) in one group, its accumulators in registers.
+template <typename V, typename T, int ROWS = 7>
+void dot_last_rows(const float* q, int64_t count, int64_t q_stride, int64_t head_dim,
+                   const T* k_tile, int64_t block_size, int64_t col, float* scores, int64_t stride) {
+  if constexpr (ROWS > 0) {
+    if (count == ROWS)
+      return dot_keys<ROWS, V>(q, q_stride, head_dim, k_tile, block_size, col, scores, stride);
+    dot_last_rows<V, T, ROWS - 1>(q, count, q_stride, head_dim, k_tile, block_size, col, scores,
+                                  stride);
+  }
+}
+
+// All rows: groups of 8, then the rest in one group.
+template <typename V, typename T>
+void dot_rows(const float* q, int64_t rows, int64_t head_dim, const T* k_tile, int64_t block_size,
+              int64_t col, float* scores, int64_t stride) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8)
+    dot_keys<8, V>(q + r, rows, head_dim, k_tile, block_size, col, scores + r * stride, stride);
+  dot_last_rows<V>(q + r, rows - r, rows, head_dim, k_tile, block_size, col, scores + r * stride,
+                   stride);
+}
+
+// scores[:, c] for every key c of the tile starting at key position t0 (whole blocks).
+template <typename T>
+void tile_scores(const Problem<T>& p, const WorkItem& item, int64_t rows, int64_t t0, int64_t t1,
+                 Scratch<T>& w) {
+  const int64_t bs = p.block_size, stride = p.tile_keys();
+  for (int64_t start = t0; start < t1; start += bs) {
+    const T* k_tile = p.k_cache + p.tile_offset(item.seq, start / bs, item.kv_head);
+    float* scores = w.scores.data() + (start - t0);
+    int64_t col = 0;
+    for (; col + Wide::kLanes <= bs; col += Wide::kLanes)
+      dot_rows<Wide>(w.q.data(), rows, p.head_dim, k_tile, bs, col, scores, stride);
+    for (; col < bs; ++col)
+      dot_rows<Scalar>(w.q.data(), rows, p.head_dim, k_tile, bs, col, scores, stride);
+  }
+}
+
+// -- softmax and P V ------------------------------------------------------------------------
+
+float max_of(const float* x, int64_t n) {
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  if (n >= Wide::kLanes) {
+    Wide m = Wide::load(x);
+    for (i = Wide::kLanes; i + Wide::kLanes <= n; i += Wide::kLanes) m = max(m, Wide::load(x + i));
+    best = m.reduce_max();
+  }
+  for (; i < n; ++i) best = std::max(best, x[i]);
+  return best;
+}
+
+// x = exp(x - shift) in place; returns the sum.
+float exp_shifted(float* x, int64_t n, float shift) {
+  int64_t i = 0;
+  Wide sum = Wide::zero();
+  const Wide shift_v = Wide::broadcast(shift), one = Wide::broadcast(1.f);
+  for (; i + Wide::kLanes <= n; i += Wide::kLanes) {
+    const Wide e = exp(Wide::load(x + i) - shift_v);
+    e.store(x + i);
+    sum = fma(one, e, sum);
+  }
+  float total = sum.reduce_add();
+  for (; i < n; ++i) total += (x[i] = std::exp(x[i] - shift));
+  return total;
+}
+
+// One row's online-softmax step over the tile's columns [0, n), of which it sees [c0, c1):
+// its scores become weights (0 where it sees nothing); returns the factor its running sum and
+// output scale by.
+float softmax_step(float* scores, int64_t n, int64_t c0, int64_t c1, float& row_max, float& row_sum) {
+  std::fill(scores, scores + c0, 0.f);
+  std::fill(scores + c1, scores + n, 0.f);
+  if (c0 >= c1) return 1.f;
+  const float new_max = std::max(row_max, max_of(scores + c0, c1 - c0));
+  const float rescale = std::exp(row_max - new_max);           // 0 on the first tile (-inf)
+  row_sum = row_sum * rescale + exp_shifted(scores + c0, c1 - c0, new_max);
+  row_max = new_max;
+  return rescale;
+}
+
+// ROWS rows of acc, head dims [d, d + NV vectors): acc * rescale + sum over keys c in [c0, c1)
+// of p[c] * V[c]. The rows share each load of V.
+template <int ROWS, int NV, typename V, typename T>
+void weigh_values(float* acc, int64_t head_dim, const float* rescale, const float* p,
+                  int64_t p_stride, int64_t c0, int64_t c1, const T* const* value_rows, int64_t d) {
+  V sum[ROWS][NV];
+  for (int r = 0; r < ROWS; ++r)
+    for (int j = 0; j < NV; ++j)
+      sum[r][j] = V::load(acc + r * head_dim + d + j * V::kLanes) * V::broadcast(rescale[r]);
+  for (int64_t c = c0; c < c1; ++c) {
+    const T* row = value_rows[c] + d;
+    V value[NV];
+    for (int j = 0; j < NV; ++j) value[j] = V::load(row + j * V::kLanes);
+    for (int r = 0; r < ROWS; ++r) {
+      const V weight = V::broadcast(p[r * p_stride + c]);
+      for (int j = 0; j < NV; ++j) sum[r][j] = fma(weight, value[j], sum[r][j]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int j = 0; j < NV; ++j) sum[r][j].store(acc + r * head_dim + d + j * V::kLanes);
+}
+
+template <int ROWS, typename T>
+void weigh_rows(float* acc, int64_t head_dim, const float* rescale, const float* p,
+                int64_t p_stride, int64_t c0, int64_t c1, const T* const* value_rows) {
+  constexpr int64_t kChunk = 4 * Wide::kLanes;     // four vectors of accumulators per row
+  int64_t d = 0;
+  for (; d + kChunk <= head_dim; d += kChunk)
+    weigh_values<ROWS, 4, Wide>(acc, head_dim, rescale, p, p_stride, c0, c1, value_rows, d);
+  for (; d + Wide::kLanes <= head_dim; d += Wide::kLanes)
+    weigh_values<ROWS, 1, Wide>(acc, head_dim, rescale, p, p_stride, c0, c1, value_rows, d);
+  for (; d < head_dim; ++d)
+    weigh_values<ROWS, 1, Scalar>(acc, head_dim, rescale, p, p_stride, c0, c1, value_rows, d);
+}
+
+// The tile's softmax step for every row, then O = O * rescale + P V two rows at a time (two
+// rows' accumulators keep the FMA units busy; more would spill AVX2's 16 registers).
+template <typename T>
+void update_rows(const Problem<T>& p, const WorkItem& item, int64_t rows, int64_t first_pos,
+                 int64_t t0, int64_t t1, Scratch<T>& w) {
+  const int64_t per_kv = p.per_kv(), stride = p.tile_keys(), n = t1 - t0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t pos = first_pos + r / per_kv;
+    const KeyRange keys = visible_keys(p, item.seq, pos, pos);
+    w.cols[r] = {std::clamp(keys.lo - t0, int64_t{0}, n), std::clamp(keys.hi - t0, int64_t{0}, n)};
+    w.rescale[r] = softmax_step(w.scores.data() + r * stride, n, w.cols[r].lo, w.cols[r].hi,
+                                w.row_max[r], w.row_sum[r]);
+  }
+  for (int64_t r = 0; r < rows; r += 2) {
+    const int64_t pair = std::min<int64_t>(2, rows - r);
+    const int64_t c0 = std::min(w.cols[r].lo, w.cols[r + pair - 1].lo);
+    const int64_t c1 = std::max(w.cols[r].hi, w.cols[r + pair - 1].hi);
+    if (c0 >= c1) continue;
+    float* acc = w.acc.data() + r * p.head_dim;
+    const float* weights = w.scores.data() + r * stride;
+    if (pair == 2)
+      weigh_rows<2>(acc, p.head_dim, &w.rescale[r], weights, stride, c0, c1, w.value_rows.data());
+    else
+      weigh_rows<1>(acc, p.head_dim, &w.rescale[r], weights, stride, c0, c1, w.value_rows.data());
+  }
+}
+
+// -- one work item --------------------------------------------------------------------------
+
+// Rows are token-major: row r is new token r / per_kv, query head kv_head * per_kv + r % per_kv.
+// Scaled and transposed to (head_dim, rows), the layout dot_keys reads.
+template <typename T>
+void load_queries(const Problem<T>& p, const WorkItem& item, Scratch<T>& w) {
+  const int64_t per_kv = p.per_kv(), first_row = p.cu_seqlens_q[item.seq] + item.first_query;
+  const int64_t rows = item.num_queries * per_kv;
+  for (int64_t i = 0; i < item.num_queries; ++i) {
+    for (int64_t j = 0; j < per_kv; ++j) {
+      const T* src = p.q + (first_row + i) * p.q_token_stride +
+                     (item.kv_head * per_kv + j) * p.q_head_stride;
+      float* dst = w.q.data() + i * per_kv + j;
+      for (int64_t d = 0; d < p.head_dim; ++d) dst[d * rows] = static_cast<float>(src[d]) * p.scale;
+    }
+  }
+}
+
+template <typename T>
+void store_output(const Problem<T>& p, const WorkItem& item, const Scratch<T>& w) {
+  const int64_t per_kv = p.per_kv(), first_row = p.cu_seqlens_q[item.seq] + item.first_query;
+  for (int64_t i = 0; i < item.num_queries; ++i) {
+    for (int64_t j = 0; j < per_kv; ++j) {
+      const int64_t r = i * per_kv + j;
+      T* dst = p.out + ((first_row + i) * p.num_heads + item.kv_head * per_kv + j) * p.head_dim;
+      const float* acc = w.acc.data() + r * p.head_dim;
+      const float inv_sum = w.row_sum[r] > 0.f ? 1.f / w.row_sum[r] : 0.f;
+      for (int64_t d = 0; d < p.head_dim; ++d) dst[d] = static_cast<T>(acc[d] * inv_sum);
+    }
+  }
+}
+
+template <typename T>
+void point_at_values(const Problem<T>& p, const WorkItem& item, int64_t t0, int64_t t1, Scratch<T>& w) {
+  for (int64_t start = t0; start < t1; start += p.block_size) {
+    const T* v_tile = p.v_cache + p.tile_offset(item.seq, start / p.block_size, item.kv_head);
+    for (int64_t j = 0; j < std::min(p.block_size, t1 - start); ++j)
+      w.value_rows[start - t0 + j] = v_tile + j * p.head_dim;
+  }
+}
+
+template <typename T>
+void attend(const Problem<T>& p, const WorkItem& item, Scratch<T>& w) {
+  const int64_t per_kv = p.per_kv(), rows = item.num_queries * per_kv;
+  const int64_t first_pos = first_position(p, item.seq, item.first_query);
+  const KeyRange keys = visible_keys(p, item.seq, first_pos, first_pos + item.num_queries - 1);
+  load_queries(p, item, w);
+  std::fill_n(w.row_max.begin(), rows, -std::numeric_limits<float>::infinity());
+  std::fill_n(w.row_sum.begin(), rows, 0.f);
+  std::fill_n(w.acc.begin(), rows * p.head_dim, 0.f);
+
+  const int64_t tile_keys = p.tile_keys();
+  for (int64_t t0 = keys.lo / p.block_size * p.block_size; t0 < keys.hi; t0 += tile_keys) {
+    const int64_t t1 = std::min(t0 + tile_keys, keys.hi);
+    tile_scores(p, item, rows, t0, t1, w);
+    point_at_values(p, item, t0, t1, w);
+    update_rows(p, item, rows, first_pos, t0, t1, w);
+  }
+  store_output(p, item, w);
+}
+
+// -- the whole step -------------------------------------------------------------------------
+
+template <typename T>
+std::vector<WorkItem> plan(const Problem<T>& p, int64_t num_seqs) {
+  const int64_t per_kv = p.per_kv(), tokens_per_item = std::max<int64_t>(1, kQueryRows / per_kv);
+  std::vector<WorkItem> items;
+  for (int64_t seq = 0; seq < num_seqs; ++seq) {
+    const int64_t query_len = p.cu_seqlens_q[seq + 1] - p.cu_seqlens_q[seq];
+    for (int64_t first = 0; first < query_len; first += tokens_per_item) {
+      const int64_t n = std::min(tokens_per_item, query_len - first);
+      const int64_t first_pos = first_position(p, seq, first);
+      const KeyRange keys = visible_keys(p, seq, first_pos, first_pos + n - 1);
+      for (int64_t g = 0; g < p.num_kv_heads; ++g)
+        items.push_back({seq, g, first, n, n * per_kv * (keys.hi - keys.lo)});
+    }
+  }
+  // Longest first, then threads take the next item as they finish: prefill chunks' late,
+  // long tiles do not all land on one thread.
+  std::stable_sort(items.begin(), items.end(),
+                   [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
+  return items;
+}
+
+template <typename T>
+void run(const Problem<T>& p, const std::vector<WorkItem>& items) {
+  const int64_t rows = std::max<int64_t>(1, kQueryRows / p.per_kv()) * p.per_kv();
+  const int64_t num_threads = std::min<int64_t>(at::get_num_threads(), items.size());
+  std::atomic<size_t> next{0};
+  at::parallel_for(0, num_threads, 1, [&](int64_t, int64_t) {
+    Scratch<T> w(rows, p.head_dim, p.tile_keys());
+    for (size_t i = next++; i < items.size(); i = next++) attend(p, items[i], w);
+  });
+}
+
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, F&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(float{});
+    case at::kBFloat16: return fn(c10::BFloat16{});
+    case at::kHalf: return fn(c10::Half{});
+    default: TORCH_CHECK(false, "paged attention: no kernel for ", dtype);
+  }
+}
+
+void check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t head_dim) {
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.sizes() == v_cache.sizes(),
+              "caches must be contiguous (num_blocks, num_kv_heads, block_size * head_dim)");
+  TORCH_CHECK(k_cache.size(2) % head_dim == 0, "cache tiles are not whole rows of head_dim");
+}
+
+// -- the ops --------------------------------------------------------------------------------
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
+                           const at::Tensor& block_tables, double scale, int64_t sliding_window,
+                           bool causal) {
+  const int64_t num_heads = q.size(1), head_dim = q.size(2);
+  check_cache(k_cache, v_cache, head_dim);
+  TORCH_CHECK(q.stride(2) == 1 && q.scalar_type() == k_cache.scalar_type(),
+              "q must have unit stride in head_dim and the cache's dtype");
+  TORCH_CHECK(num_heads % k_cache.size(1) == 0, "query heads must be a multiple of KV heads");
+  for (const at::Tensor* t : {&cu_seqlens_q, &seq_lens, &block_tables})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), "metadata must be contiguous int32");
+  const int64_t num_seqs = seq_lens.size(0);
+  TORCH_CHECK(cu_seqlens_q.size(0) == num_seqs + 1 && block_tables.size(0) == num_seqs,
+              "metadata lengths disagree");
+  at::Tensor out = at::empty({q.size(0), num_heads, head_dim}, q.options());
+  dispatch_dtype(q.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);
+    const Problem<T> p{q.data_ptr<T>(), q.stride(0), q.stride(1), k_cache.data_ptr<T>(),
+                       v_cache.data_ptr<T>(), out.data_ptr<T>(), cu_seqlens_q.data_ptr<int32_t>(),
+                       seq_lens.data_ptr<int32_t>(), block_tables.data_ptr<int32_t>(),
+                       block_tables.size(1), num_heads, k_cache.size(1), head_dim,
+                       k_cache.size(2) / head_dim, static_cast<float>(scale), sliding_window, causal};
+    run(p, plan(p, num_seqs));
+  });
+  return out;
+}
+
+// k, v: (num_tokens, num_kv_heads, head_dim), any token/head strides -> their cache slots;
+// a negative slot is a padding token and writes nothing.
+template <typename T>
+void write_tokens(const at::Tensor& k, const at::Tensor& v, T* k_cache, T* v_cache,
+                  const int64_t* slots, int64_t block_size, int64_t begin, int64_t end) {
+  const int64_t num_kv_heads = k.size(1), head_dim = k.size(2);
+  const T* k_data = k.data_ptr<T>();
+  const T* v_data = v.data_ptr<T>();
+  for (int64_t t = begin; t < end; ++t) {
+    if (slots[t] < 0) continue;
+    const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
+    for (int64_t g = 0; g < num_kv_heads; ++g) {
+      const int64_t tile = (block * num_kv_heads + g) * block_size * head_dim;
+      const T* k_row = k_data + t * k.stride(0) + g * k.stride(1);
+      const T* v_row = v_data + t * v.stride(0) + g * v.stride(1);
+      for (int64_t d = 0; d < head_dim; ++d) k_cache[tile + d * block_size + offset] = k_row[d];
+      std::copy_n(v_row, head_dim, v_cache + tile + offset * head_dim);
+    }
+  }
+}
+
+void paged_write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                    const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+  const int64_t head_dim = k.size(2);
+  check_cache(k_cache, v_cache, head_dim);
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.sizes() == v.sizes() &&
+                  k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k.scalar_type(),
+              "k and v must match, have unit stride in head_dim and the cache's dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
+                  slot_mapping.size(0) == k.size(0),
+              "slot_mapping must be contiguous int64, one per token");
+  const int64_t block_size = k_cache.size(2) / head_dim;
+  dispatch_dtype(k.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);
+    T* k_data = k_cache.data_ptr<T>();
+    T* v_data = v_cache.data_ptr<T>();
+    const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+    at::parallel_for(0, k.size(0), 64, [&](int64_t begin, int64_t end) {
+      write_tokens(k, v, k_data, v_data, slots, block_size, begin, end);
+    });
+  });
+}
+
+static Register reg([](pybind11::module_& m) {
+  m.def("paged_attention", &paged_attention,
+        "out (num_tokens, num_heads, head_dim) = attention of q over the paged cache "
+        "(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, sliding_window, causal)");
+  m.def("paged_write_kv", &paged_write_kv,
+        "write k, v (num_tokens, num_kv_heads, head_dim) to their slots of the paged cache "
+        "(k, v, k_cache, v_cache, slot_mapping)");
+});
+
+}  // namespace
+}  // namespace attnserve
