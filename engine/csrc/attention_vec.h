@@ -26,7 +26,7 @@ constexpr float kExpCoeffs[] = {1.f, 1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120,
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2Hi = 0.693145751953125f;         // ln 2 = kLn2Hi + kLn2Lo, kLn2Hi exact in
 constexpr float kLn2Lo = 1.42860682030941723e-6f;    // few bits so n * kLn2Hi rounds to nothing
-constexpr float kExpMin = -87.0f;                    // 2^n stays a normal float above this
+constexpr float kExpMin = -87.0f;                    // 2^n stays a normal float above; 0 below
 
 struct Scalar {
   static constexpr int kLanes = 1;
@@ -79,7 +79,8 @@ struct Vec512 {
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
     __m512 p = _mm512_set1_ps(kExpCoeffs[7]);
     for (int i = 6; i >= 0; --i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpCoeffs[i]));
-    return {_mm512_scalef_ps(p, n)};
+    const __mmask16 normal = _mm512_cmp_ps_mask(a.x, _mm512_set1_ps(kExpMin), _CMP_GE_OQ);
+    return {_mm512_maskz_scalef_ps(normal, p, n)};                // 0 below kExpMin (and -inf)
   }
 };
 using Wide = Vec512;
@@ -124,7 +125,8 @@ struct Vec256 {
     __m256 p = _mm256_set1_ps(kExpCoeffs[7]);
     for (int i = 6; i >= 0; --i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpCoeffs[i]));
     __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return {_mm256_mul_ps(p, _mm256_castsi256_ps(bits))};
+    const __m256 normal = _mm256_cmp_ps(a.x, _mm256_set1_ps(kExpMin), _CMP_GE_OQ);
+    return {_mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), normal)};  // 0 below kExpMin
   }
 };
 using Wide = Vec256;

@@ -57,6 +57,9 @@ struct Problem {
 
   int64_t per_kv() const { return num_heads / num_kv_heads; }
   int64_t tile_keys() const { return std::max<int64_t>(1, kTileKeys / block_size) * block_size; }
+  int64_t scores_stride() const {            // a tile's keys, rounded up to whole vectors
+    return (tile_keys() + Wide::kLanes - 1) / Wide::kLanes * Wide::kLanes;
+  }
   int64_t tile_offset(int64_t seq, int64_t block_index, int64_t kv_head) const {
     const int64_t block = block_tables[seq * max_blocks + block_index];
     return (block * num_kv_heads + kv_head) * block_size * head_dim;
@@ -94,8 +97,8 @@ struct Scratch {
   std::vector<KeyRange> cols;              // the tile columns each row sees
   std::vector<const T*> value_rows;        // the V row of each key of the current tile
 
-  Scratch(int64_t rows, int64_t head_dim, int64_t tile_keys)
-      : q(rows * head_dim), scores(rows * tile_keys), acc(rows * head_dim), row_max(rows),
+  Scratch(int64_t rows, int64_t head_dim, int64_t tile_keys, int64_t scores_stride)
+      : q(rows * head_dim), scores(rows * scores_stride), acc(rows * head_dim), row_max(rows),
         row_sum(rows), rescale(rows), cols(rows), value_rows(tile_keys) {}
 };
 
@@ -143,7 +146,7 @@ void dot_rows(const float* q, int64_t rows, int64_t head_dim, const T* k_tile, i
 template <typename T>
 void tile_scores(const Problem<T>& p, const WorkItem& item, int64_t rows, int64_t t0, int64_t t1,
                  Scratch<T>& w) {
-  const int64_t bs = p.block_size, stride = p.tile_keys();
+  const int64_t bs = p.block_size, stride = p.scores_stride();
   for (int64_t start = t0; start < t1; start += bs) {
     const T* k_tile = p.k_cache + p.tile_offset(item.seq, start / bs, item.kv_head);
     float* scores = w.scores.data() + (start - t0);
@@ -157,43 +160,39 @@ void tile_scores(const Problem<T>& p, const WorkItem& item, int64_t rows, int64_
 
 // -- softmax and P V ------------------------------------------------------------------------
 
+// n is a whole number of Wide vectors (score rows are padded to one).
 float max_of(const float* x, int64_t n) {
-  float best = -std::numeric_limits<float>::infinity();
-  int64_t i = 0;
-  if (n >= Wide::kLanes) {
-    Wide m = Wide::load(x);
-    for (i = Wide::kLanes; i + Wide::kLanes <= n; i += Wide::kLanes) m = max(m, Wide::load(x + i));
-    best = m.reduce_max();
-  }
-  for (; i < n; ++i) best = std::max(best, x[i]);
-  return best;
+  Wide best = Wide::broadcast(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < n; i += Wide::kLanes) best = max(best, Wide::load(x + i));
+  return best.reduce_max();
 }
 
-// x = exp(x - shift) in place; returns the sum.
+// x = exp(x - shift) in place; returns the sum. n is a whole number of Wide vectors.
 float exp_shifted(float* x, int64_t n, float shift) {
-  int64_t i = 0;
   Wide sum = Wide::zero();
   const Wide shift_v = Wide::broadcast(shift), one = Wide::broadcast(1.f);
-  for (; i + Wide::kLanes <= n; i += Wide::kLanes) {
+  for (int64_t i = 0; i < n; i += Wide::kLanes) {
     const Wide e = exp(Wide::load(x + i) - shift_v);
     e.store(x + i);
     sum = fma(one, e, sum);
   }
-  float total = sum.reduce_add();
-  for (; i < n; ++i) total += (x[i] = std::exp(x[i] - shift));
-  return total;
+  return sum.reduce_add();
 }
 
-// One row's online-softmax step over the tile's columns [0, n), of which it sees [c0, c1):
-// its scores become weights (0 where it sees nothing); returns the factor its running sum and
-// output scale by.
+// One row's online-softmax step over the tile's n columns, of which it sees [c0, c1): its
+// scores become weights, 0 where it sees nothing (-inf before exp, so no column needs a
+// scalar tail); returns the factor its running sum and output scale by.
 float softmax_step(float* scores, int64_t n, int64_t c0, int64_t c1, float& row_max, float& row_sum) {
-  std::fill(scores, scores + c0, 0.f);
-  std::fill(scores + c1, scores + n, 0.f);
-  if (c0 >= c1) return 1.f;
-  const float new_max = std::max(row_max, max_of(scores + c0, c1 - c0));
+  const int64_t padded = (n + Wide::kLanes - 1) / Wide::kLanes * Wide::kLanes;
+  if (c0 >= c1) {
+    std::fill(scores, scores + padded, 0.f);
+    return 1.f;
+  }
+  std::fill(scores, scores + c0, -std::numeric_limits<float>::infinity());
+  std::fill(scores + c1, scores + padded, -std::numeric_limits<float>::infinity());
+  const float new_max = std::max(row_max, max_of(scores, padded));
   const float rescale = std::exp(row_max - new_max);           // 0 on the first tile (-inf)
-  row_sum = row_sum * rescale + exp_shifted(scores + c0, c1 - c0, new_max);
+  row_sum = row_sum * rescale + exp_shifted(scores, padded, new_max);
   row_max = new_max;
   return rescale;
 }
@@ -220,25 +219,48 @@ void weigh_values(float* acc, int64_t head_dim, const float* rescale, const floa
     for (int j = 0; j < NV; ++j) sum[r][j].store(acc + r * head_dim + d + j * V::kLanes);
 }
 
+// All of head_dim for ROWS rows: chunks of 4, 2, 1 vectors, then single lanes.
 template <int ROWS, typename T>
 void weigh_rows(float* acc, int64_t head_dim, const float* rescale, const float* p,
                 int64_t p_stride, int64_t c0, int64_t c1, const T* const* value_rows) {
-  constexpr int64_t kChunk = 4 * Wide::kLanes;     // four vectors of accumulators per row
+  constexpr int64_t L = Wide::kLanes;
   int64_t d = 0;
-  for (; d + kChunk <= head_dim; d += kChunk)
+  for (; d + 4 * L <= head_dim; d += 4 * L)
     weigh_values<ROWS, 4, Wide>(acc, head_dim, rescale, p, p_stride, c0, c1, value_rows, d);
-  for (; d + Wide::kLanes <= head_dim; d += Wide::kLanes)
+  if (d + 2 * L <= head_dim) {
+    weigh_values<ROWS, 2, Wide>(acc, head_dim, rescale, p, p_stride, c0, c1, value_rows, d);
+    d += 2 * L;
+  }
+  if (d + L <= head_dim) {
     weigh_values<ROWS, 1, Wide>(acc, head_dim, rescale, p, p_stride, c0, c1, value_rows, d);
+    d += L;
+  }
   for (; d < head_dim; ++d)
     weigh_values<ROWS, 1, Scalar>(acc, head_dim, rescale, p, p_stride, c0, c1, value_rows, d);
 }
 
-// The tile's softmax step for every row, then O = O * rescale + P V two rows at a time (two
-// rows' accumulators keep the FMA units busy; more would spill AVX2's 16 registers).
+// Rows whose P V share each V load: enough accumulators (rows x 4 vectors) to keep the FMA
+// units busy, few enough for the registers (AVX-512 has 32, AVX2 16).
+constexpr int64_t kValueRows = Wide::kLanes >= 16 ? 4 : 2;
+
+// A group of `count` rows (0 < count <= ROWS), as one weigh_rows instantiation.
+template <typename T, int ROWS = kValueRows>
+void weigh_group(int64_t count, float* acc, int64_t head_dim, const float* rescale,
+                 const float* p, int64_t p_stride, int64_t c0, int64_t c1,
+                 const T* const* value_rows) {
+  if constexpr (ROWS > 0) {
+    if (count == ROWS)
+      return weigh_rows<ROWS>(acc, head_dim, rescale, p, p_stride, c0, c1, value_rows);
+    weigh_group<T, ROWS - 1>(count, acc, head_dim, rescale, p, p_stride, c0, c1, value_rows);
+  }
+}
+
+// The tile's softmax step for every row, then O = O * rescale + P V, kValueRows at a time
+// over the keys any of them sees (the others' weights are 0 there).
 template <typename T>
 void update_rows(const Problem<T>& p, const WorkItem& item, int64_t rows, int64_t first_pos,
                  int64_t t0, int64_t t1, Scratch<T>& w) {
-  const int64_t per_kv = p.per_kv(), stride = p.tile_keys(), n = t1 - t0;
+  const int64_t per_kv = p.per_kv(), stride = p.scores_stride(), n = t1 - t0;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t pos = first_pos + r / per_kv;
     const KeyRange keys = visible_keys(p, item.seq, pos, pos);
@@ -246,17 +268,16 @@ void update_rows(const Problem<T>& p, const WorkItem& item, int64_t rows, int64_
     w.rescale[r] = softmax_step(w.scores.data() + r * stride, n, w.cols[r].lo, w.cols[r].hi,
                                 w.row_max[r], w.row_sum[r]);
   }
-  for (int64_t r = 0; r < rows; r += 2) {
-    const int64_t pair = std::min<int64_t>(2, rows - r);
-    const int64_t c0 = std::min(w.cols[r].lo, w.cols[r + pair - 1].lo);
-    const int64_t c1 = std::max(w.cols[r].hi, w.cols[r + pair - 1].hi);
-    if (c0 >= c1) continue;
-    float* acc = w.acc.data() + r * p.head_dim;
-    const float* weights = w.scores.data() + r * stride;
-    if (pair == 2)
-      weigh_rows<2>(acc, p.head_dim, &w.rescale[r], weights, stride, c0, c1, w.value_rows.data());
-    else
-      weigh_rows<1>(acc, p.head_dim, &w.rescale[r], weights, stride, c0, c1, w.value_rows.data());
+  for (int64_t r = 0; r < rows; r += kValueRows) {
+    const int64_t count = std::min(kValueRows, rows - r);
+    KeyRange seen{n, 0};
+    for (int64_t i = r; i < r + count; ++i) {
+      if (w.cols[i].lo >= w.cols[i].hi) continue;
+      seen = {std::min(seen.lo, w.cols[i].lo), std::max(seen.hi, w.cols[i].hi)};
+    }
+    if (seen.lo >= seen.hi) continue;
+    weigh_group<T>(count, w.acc.data() + r * p.head_dim, p.head_dim, &w.rescale[r],
+                   w.scores.data() + r * stride, stride, seen.lo, seen.hi, w.value_rows.data());
   }
 }
 
@@ -350,7 +371,7 @@ void run(const Problem<T>& p, const std::vector<WorkItem>& items) {
   const int64_t num_threads = std::min<int64_t>(at::get_num_threads(), items.size());
   std::atomic<size_t> next{0};
   at::parallel_for(0, num_threads, 1, [&](int64_t, int64_t) {
-    Scratch<T> w(rows, p.head_dim, p.tile_keys());
+    Scratch<T> w(rows, p.head_dim, p.tile_keys(), p.scores_stride());
     for (size_t i = next++; i < items.size(); i = next++) attend(p, items[i], w);
   });
 }
