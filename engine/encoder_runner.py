@@ -16,8 +16,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from engine.config import UnsupportedModelError
-from engine.layers.attention import build_attn_metadata
+from engine.layers.attention import Attention, build_attn_metadata
 from engine.loader import build_model, load_tokenizer, open_checkpoint
+from engine.model_runner import select_backend
 from engine.models.bert import read_pooling_config
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,12 @@ class EncoderRunner:
         self.dtype = dtype
         self.pooling = read_pooling_config(checkpoint.path)
         self.model = build_model(checkpoint, dtype, self.device)
+        # Our CPU op covers encoders (no cache, both ways); on CUDA the layers keep the reference.
+        if self.device.type == "cpu":
+            backend = select_backend(self.config, self.device)
+            for layer in self.model.modules():
+                if isinstance(layer, Attention):
+                    layer.backend = backend
         self.tokenizer = load_tokenizer(checkpoint)
         limits = [self.config.max_position_embeddings, self.pooling.max_seq_length]
         self.max_length: int = min(n for n in limits if n)

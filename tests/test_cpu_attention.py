@@ -4,7 +4,8 @@ Every case runs on this CPU's build and on the AVX2 build (both load in one proc
 caches whose blocks are shuffled and whose unowned slots hold NaN, so a kernel that reads a
 slot it should not fails. Ragged steps mix decodes at context edges (1 key, exactly a block, a
 block + 1, long) with prefill chunks over cached context, longer than one work item's rows.
-Then the engine: greedy tokens under batching and preemption equal the reference's.
+Then the engine: greedy tokens under batching and preemption equal the reference's, and the
+encoder runs the op too.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams, kernels
 from engine.device import cpu_features
-from engine.layers.attention import TorchAttention, build_attn_metadata
+from engine.encoder_runner import EncoderRunner
+from engine.layers.attention import Attention, TorchAttention, build_attn_metadata
 from engine.layers.cpu_attention import CpuPagedAttention
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -163,15 +165,23 @@ def test_negative_slots_write_nothing(ops):
     assert torch.equal(v_cache.nan_to_num(), before[1].nan_to_num())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("causal", [True, False])
-def test_without_a_cache_it_is_the_reference(ops, causal):
-    """Encoders (no cache; bidirectional when not causal) run TorchAttention's path."""
-    lens = [3, 1, 9]
-    meta = build_attn_metadata(lens, lens, None, 1, causal=causal)
+def test_without_a_cache_matches_the_reference(ops, causal, window, dtype):
+    """Encoders: no cache, each sequence attends to its own rows (both ways unless causal);
+    lengths over and under a 64-key tile, head_dim 32 (MiniLM's), GQA 2."""
+    lens, num_kv_heads, per_kv, head_dim = [3, 1, 9, 64, 130], 3, 2, 32
+    meta = build_attn_metadata(lens, lens, None, 1, causal=causal, sliding_window=window)
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(sum(lens), 4, 32, generator=g) for _ in range(3))
-    expected = TorchAttention().forward(q, k, v, None, None, meta, 0.2)
-    assert torch.equal(CpuPagedAttention(ops).forward(q, k, v, None, None, meta, 0.2), expected)
+    num_heads, num_tokens = num_kv_heads * per_kv, sum(lens)
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(dtype)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], 1)
+    q, k, v = (x.view(num_tokens, -1, head_dim) for x in (q, k, v))
+    expected = TorchAttention().forward(q.float(), k.float(), v.float(), None, None, meta, 0.2)
+    out = CpuPagedAttention(ops).forward(q, k, v, None, None, meta, 0.2)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=0)
 
 
 # -- the engine ---------------------------------------------------------------------------
@@ -204,3 +214,9 @@ def test_engine_greedy_tokens_equal_the_reference_backend(family, tiny_checkpoin
     theirs, engine = greedy_tokens(tiny_checkpoints[family], seed=5)
     assert isinstance(engine.runner.backend, TorchAttention)
     assert ours == theirs
+
+
+def test_the_encoder_runs_the_op_on_a_cpu():
+    runner = EncoderRunner("all-minilm-l6-v2")
+    backends = {type(m.backend) for m in runner.model.modules() if isinstance(m, Attention)}
+    assert backends == {CpuPagedAttention}

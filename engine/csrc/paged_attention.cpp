@@ -1,5 +1,6 @@
-// Paged attention on the CPU: attention over a step's flattened ragged batch that reads K and V
-// where they sit in the paged cache, through each sequence's block table (no gather copy).
+// Attention on the CPU over a step's flattened ragged batch, reading K and V where they sit:
+// in the paged cache through each sequence's block table (no gather copy), or, without a
+// cache (encoders), in the step's own k, v rows.
 //
 // The cache holds one tile per (block, KV head); K is transposed in its tile, so a query's dot
 // products with a block's keys are whole-vector FMAs down the head dimension:
@@ -25,36 +26,41 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
-#include <limits>
 #include <vector>
 
-#include "attention_vec.h"
+#include "attention_tiles.h"
 #include "registry.h"
 
 namespace attnserve {
 namespace {
 
-using vec::Scalar;
-using vec::Wide;
+using namespace tiles;
 
 constexpr int64_t kQueryRows = 48;   // rows per work item: its scores and output stay in L1/L2
 constexpr int64_t kTileKeys = 64;    // keys per softmax step (whole blocks, at least one)
 
 template <typename T>
 struct Problem {
-  const T* q;                        // (num_tokens, num_heads, head_dim), any token/head strides
-  int64_t q_token_stride, q_head_stride;
-  const T* k_cache;                  // (num_blocks, num_kv_heads, block_size * head_dim)
-  const T* v_cache;
-  T* out;                            // (num_tokens, num_heads, head_dim), contiguous
-  const int32_t* cu_seqlens_q;       // (num_seqs + 1,) first row of each sequence
-  const int32_t* seq_lens;           // (num_seqs,) keys per sequence, cached + new
-  const int32_t* block_tables;       // (num_seqs, max_blocks)
-  int64_t max_blocks, num_heads, num_kv_heads, head_dim, block_size;
-  float scale;
-  int64_t window;                    // 0: every earlier key
-  bool causal;
+  const T* q = nullptr;              // (num_tokens, num_heads, head_dim), any token/head strides
+  int64_t q_token_stride = 0, q_head_stride = 0;
+  T* out = nullptr;                  // (num_tokens, num_heads, head_dim), contiguous
+  const int32_t* cu_seqlens_q = nullptr;   // (num_seqs + 1,) first row of each sequence
+  const int32_t* seq_lens = nullptr;       // (num_seqs,) keys per sequence, cached + new
+  int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  float scale = 1.f;
+  int64_t window = 0;                // 0: every earlier key
+  bool causal = true;
+  // Keys and values. With block_tables, the paged cache; without, the step's own rows,
+  // (num_tokens, num_kv_heads, head_dim) with any token/head strides, key j of sequence s
+  // at row cu_seqlens_q[s] + j.
+  const T* k = nullptr;
+  const T* v = nullptr;
+  const int32_t* block_tables = nullptr;   // (num_seqs, max_blocks)
+  int64_t max_blocks = 0;
+  int64_t block_size = kTileKeys;          // rows: keys per tile
+  int64_t k_token_stride = 0, k_head_stride = 0, v_token_stride = 0, v_head_stride = 0;
 
+  bool paged() const { return block_tables != nullptr; }
   int64_t per_kv() const { return num_heads / num_kv_heads; }
   int64_t tile_keys() const { return std::max<int64_t>(1, kTileKeys / block_size) * block_size; }
   int64_t scores_stride() const {            // a tile's keys, rounded up to whole vectors
@@ -96,59 +102,23 @@ struct Scratch {
   std::vector<float> q, scores, acc, row_max, row_sum, rescale;
   std::vector<KeyRange> cols;              // the tile columns each row sees
   std::vector<const T*> value_rows;        // the V row of each key of the current tile
+  std::vector<T> k_tile;                   // rows: the tile's keys transposed, as the cache holds them
 
-  Scratch(int64_t rows, int64_t head_dim, int64_t tile_keys, int64_t scores_stride)
-      : q(rows * head_dim), scores(rows * scores_stride), acc(rows * head_dim), row_max(rows),
-        row_sum(rows), rescale(rows), cols(rows), value_rows(tile_keys) {}
+  Scratch(const Problem<T>& p, int64_t rows)
+      : q(rows * p.head_dim), scores(rows * p.scores_stride()), acc(rows * p.head_dim),
+        row_max(rows), row_sum(rows), rescale(rows), cols(rows), value_rows(p.tile_keys()),
+        k_tile(p.paged() ? 0 : p.head_dim * p.scores_stride()) {}
 };
 
-// -- Q K^T ----------------------------------------------------------------------------------
+// -- a tile of keys -------------------------------------------------------------------------
 
-// ROWS rows of scores for one vector's worth of a block's keys (columns col .. col + lanes).
-// q is transposed, (head_dim, q_stride): the ROWS values of one d sit side by side.
-template <int ROWS, typename V, typename T>
-void dot_keys(const float* q, int64_t q_stride, int64_t head_dim, const T* k_tile,
-              int64_t block_size, int64_t col, float* scores, int64_t scores_stride) {
-  V acc[ROWS];
-  for (int r = 0; r < ROWS; ++r) acc[r] = V::zero();
-  const T* k = k_tile + col;
-  for (int64_t d = 0; d < head_dim; ++d, q += q_stride, k += block_size) {
-    const V key = V::load(k);
-    for (int r = 0; r < ROWS; ++r) acc[r] = fma(V::broadcast(q[r]), key, acc[r]);
-  }
-  for (int r = 0; r < ROWS; ++r) acc[r].store(scores + r * scores_stride + col);
-}
-
-// The last `count` rows (0 <= count <= ROWS) in one group, its accumulators in registers.
-template <typename V, typename T, int ROWS = 7>
-void dot_last_rows(const float* q, int64_t count, int64_t q_stride, int64_t head_dim,
-                   const T* k_tile, int64_t block_size, int64_t col, float* scores, int64_t stride) {
-  if constexpr (ROWS > 0) {
-    if (count == ROWS)
-      return dot_keys<ROWS, V>(q, q_stride, head_dim, k_tile, block_size, col, scores, stride);
-    dot_last_rows<V, T, ROWS - 1>(q, count, q_stride, head_dim, k_tile, block_size, col, scores,
-                                  stride);
-  }
-}
-
-// All rows: groups of 8, then the rest in one group.
-template <typename V, typename T>
-void dot_rows(const float* q, int64_t rows, int64_t head_dim, const T* k_tile, int64_t block_size,
-              int64_t col, float* scores, int64_t stride) {
-  int64_t r = 0;
-  for (; r + 8 <= rows; r += 8)
-    dot_keys<8, V>(q + r, rows, head_dim, k_tile, block_size, col, scores + r * stride, stride);
-  dot_last_rows<V>(q + r, rows - r, rows, head_dim, k_tile, block_size, col, scores + r * stride,
-                   stride);
-}
-
-// scores[:, c] for every key c of the tile starting at key position t0 (whole blocks).
+// scores[:, c] for every key c of the tile [t0, t1), t0 on a block boundary: one K tile per block.
 template <typename T>
-void tile_scores(const Problem<T>& p, const WorkItem& item, int64_t rows, int64_t t0, int64_t t1,
-                 Scratch<T>& w) {
+void paged_tile_scores(const Problem<T>& p, const WorkItem& item, int64_t rows, int64_t t0,
+                       int64_t t1, Scratch<T>& w) {
   const int64_t bs = p.block_size, stride = p.scores_stride();
   for (int64_t start = t0; start < t1; start += bs) {
-    const T* k_tile = p.k_cache + p.tile_offset(item.seq, start / bs, item.kv_head);
+    const T* k_tile = p.k + p.tile_offset(item.seq, start / bs, item.kv_head);
     float* scores = w.scores.data() + (start - t0);
     int64_t col = 0;
     for (; col + Wide::kLanes <= bs; col += Wide::kLanes)
@@ -158,100 +128,33 @@ void tile_scores(const Problem<T>& p, const WorkItem& item, int64_t rows, int64_
   }
 }
 
-// -- softmax and P V ------------------------------------------------------------------------
-
-// n is a whole number of Wide vectors (score rows are padded to one).
-float max_of(const float* x, int64_t n) {
-  Wide best = Wide::broadcast(-std::numeric_limits<float>::infinity());
-  for (int64_t i = 0; i < n; i += Wide::kLanes) best = max(best, Wide::load(x + i));
-  return best.reduce_max();
+// The same from the step's own rows: they are transposed into one tile first (head_dim x 64
+// copies, against rows x head_dim x 64 FMAs), then read as a cache tile would be.
+template <typename T>
+void row_tile_scores(const Problem<T>& p, const WorkItem& item, int64_t rows, int64_t t0,
+                     int64_t t1, Scratch<T>& w) {
+  const int64_t stride = p.scores_stride(), first_row = p.cu_seqlens_q[item.seq];
+  for (int64_t c = 0; c < t1 - t0; ++c) {
+    const T* key = p.k + (first_row + t0 + c) * p.k_token_stride + item.kv_head * p.k_head_stride;
+    for (int64_t d = 0; d < p.head_dim; ++d) w.k_tile[d * stride + c] = key[d];
+  }
+  for (int64_t col = 0; col < t1 - t0; col += Wide::kLanes)      // stride is whole vectors
+    dot_rows<Wide>(w.q.data(), rows, p.head_dim, w.k_tile.data(), stride, col, w.scores.data(),
+                   stride);
 }
 
-// x = exp(x - shift) in place; returns the sum. n is a whole number of Wide vectors.
-float exp_shifted(float* x, int64_t n, float shift) {
-  Wide sum = Wide::zero();
-  const Wide shift_v = Wide::broadcast(shift), one = Wide::broadcast(1.f);
-  for (int64_t i = 0; i < n; i += Wide::kLanes) {
-    const Wide e = exp(Wide::load(x + i) - shift_v);
-    e.store(x + i);
-    sum = fma(one, e, sum);
+template <typename T>
+void point_at_values(const Problem<T>& p, const WorkItem& item, int64_t t0, int64_t t1, Scratch<T>& w) {
+  if (!p.paged()) {
+    const T* first = p.v + (p.cu_seqlens_q[item.seq] + t0) * p.v_token_stride +
+                     item.kv_head * p.v_head_stride;
+    for (int64_t c = 0; c < t1 - t0; ++c) w.value_rows[c] = first + c * p.v_token_stride;
+    return;
   }
-  return sum.reduce_add();
-}
-
-// One row's online-softmax step over the tile's n columns, of which it sees [c0, c1): its
-// scores become weights, 0 where it sees nothing (-inf before exp, so no column needs a
-// scalar tail); returns the factor its running sum and output scale by.
-float softmax_step(float* scores, int64_t n, int64_t c0, int64_t c1, float& row_max, float& row_sum) {
-  const int64_t padded = (n + Wide::kLanes - 1) / Wide::kLanes * Wide::kLanes;
-  if (c0 >= c1) {
-    std::fill(scores, scores + padded, 0.f);
-    return 1.f;
-  }
-  std::fill(scores, scores + c0, -std::numeric_limits<float>::infinity());
-  std::fill(scores + c1, scores + padded, -std::numeric_limits<float>::infinity());
-  const float new_max = std::max(row_max, max_of(scores, padded));
-  const float rescale = std::exp(row_max - new_max);           // 0 on the first tile (-inf)
-  row_sum = row_sum * rescale + exp_shifted(scores, padded, new_max);
-  row_max = new_max;
-  return rescale;
-}
-
-// ROWS rows of acc, head dims [d, d + NV vectors): acc * rescale + sum over keys c in [c0, c1)
-// of p[c] * V[c]. The rows share each load of V.
-template <int ROWS, int NV, typename V, typename T>
-void weigh_values(float* acc, int64_t head_dim, const float* rescale, const float* p,
-                  int64_t p_stride, int64_t c0, int64_t c1, const T* const* value_rows, int64_t d) {
-  V sum[ROWS][NV];
-  for (int r = 0; r < ROWS; ++r)
-    for (int j = 0; j < NV; ++j)
-      sum[r][j] = V::load(acc + r * head_dim + d + j * V::kLanes) * V::broadcast(rescale[r]);
-  for (int64_t c = c0; c < c1; ++c) {
-    const T* row = value_rows[c] + d;
-    V value[NV];
-    for (int j = 0; j < NV; ++j) value[j] = V::load(row + j * V::kLanes);
-    for (int r = 0; r < ROWS; ++r) {
-      const V weight = V::broadcast(p[r * p_stride + c]);
-      for (int j = 0; j < NV; ++j) sum[r][j] = fma(weight, value[j], sum[r][j]);
-    }
-  }
-  for (int r = 0; r < ROWS; ++r)
-    for (int j = 0; j < NV; ++j) sum[r][j].store(acc + r * head_dim + d + j * V::kLanes);
-}
-
-// All of head_dim for ROWS rows: chunks of 4, 2, 1 vectors, then single lanes.
-template <int ROWS, typename T>
-void weigh_rows(float* acc, int64_t head_dim, const float* rescale, const float* p,
-                int64_t p_stride, int64_t c0, int64_t c1, const T* const* value_rows) {
-  constexpr int64_t L = Wide::kLanes;
-  int64_t d = 0;
-  for (; d + 4 * L <= head_dim; d += 4 * L)
-    weigh_values<ROWS, 4, Wide>(acc, head_dim, rescale, p, p_stride, c0, c1, value_rows, d);
-  if (d + 2 * L <= head_dim) {
-    weigh_values<ROWS, 2, Wide>(acc, head_dim, rescale, p, p_stride, c0, c1, value_rows, d);
-    d += 2 * L;
-  }
-  if (d + L <= head_dim) {
-    weigh_values<ROWS, 1, Wide>(acc, head_dim, rescale, p, p_stride, c0, c1, value_rows, d);
-    d += L;
-  }
-  for (; d < head_dim; ++d)
-    weigh_values<ROWS, 1, Scalar>(acc, head_dim, rescale, p, p_stride, c0, c1, value_rows, d);
-}
-
-// Rows whose P V share each V load: enough accumulators (rows x 4 vectors) to keep the FMA
-// units busy, few enough for the registers (AVX-512 has 32, AVX2 16).
-constexpr int64_t kValueRows = Wide::kLanes >= 16 ? 4 : 2;
-
-// A group of `count` rows (0 < count <= ROWS), as one weigh_rows instantiation.
-template <typename T, int ROWS = kValueRows>
-void weigh_group(int64_t count, float* acc, int64_t head_dim, const float* rescale,
-                 const float* p, int64_t p_stride, int64_t c0, int64_t c1,
-                 const T* const* value_rows) {
-  if constexpr (ROWS > 0) {
-    if (count == ROWS)
-      return weigh_rows<ROWS>(acc, head_dim, rescale, p, p_stride, c0, c1, value_rows);
-    weigh_group<T, ROWS - 1>(count, acc, head_dim, rescale, p, p_stride, c0, c1, value_rows);
+  for (int64_t start = t0; start < t1; start += p.block_size) {
+    const T* v_tile = p.v + p.tile_offset(item.seq, start / p.block_size, item.kv_head);
+    for (int64_t j = 0; j < std::min(p.block_size, t1 - start); ++j)
+      w.value_rows[start - t0 + j] = v_tile + j * p.head_dim;
   }
 }
 
@@ -314,17 +217,8 @@ void store_output(const Problem<T>& p, const WorkItem& item, const Scratch<T>& w
 }
 
 template <typename T>
-void point_at_values(const Problem<T>& p, const WorkItem& item, int64_t t0, int64_t t1, Scratch<T>& w) {
-  for (int64_t start = t0; start < t1; start += p.block_size) {
-    const T* v_tile = p.v_cache + p.tile_offset(item.seq, start / p.block_size, item.kv_head);
-    for (int64_t j = 0; j < std::min(p.block_size, t1 - start); ++j)
-      w.value_rows[start - t0 + j] = v_tile + j * p.head_dim;
-  }
-}
-
-template <typename T>
 void attend(const Problem<T>& p, const WorkItem& item, Scratch<T>& w) {
-  const int64_t per_kv = p.per_kv(), rows = item.num_queries * per_kv;
+  const int64_t rows = item.num_queries * p.per_kv();
   const int64_t first_pos = first_position(p, item.seq, item.first_query);
   const KeyRange keys = visible_keys(p, item.seq, first_pos, first_pos + item.num_queries - 1);
   load_queries(p, item, w);
@@ -335,7 +229,10 @@ void attend(const Problem<T>& p, const WorkItem& item, Scratch<T>& w) {
   const int64_t tile_keys = p.tile_keys();
   for (int64_t t0 = keys.lo / p.block_size * p.block_size; t0 < keys.hi; t0 += tile_keys) {
     const int64_t t1 = std::min(t0 + tile_keys, keys.hi);
-    tile_scores(p, item, rows, t0, t1, w);
+    if (p.paged())
+      paged_tile_scores(p, item, rows, t0, t1, w);
+    else
+      row_tile_scores(p, item, rows, t0, t1, w);
     point_at_values(p, item, t0, t1, w);
     update_rows(p, item, rows, first_pos, t0, t1, w);
   }
@@ -366,15 +263,18 @@ std::vector<WorkItem> plan(const Problem<T>& p, int64_t num_seqs) {
 }
 
 template <typename T>
-void run(const Problem<T>& p, const std::vector<WorkItem>& items) {
+void run(const Problem<T>& p, int64_t num_seqs) {
+  const std::vector<WorkItem> items = plan(p, num_seqs);
   const int64_t rows = std::max<int64_t>(1, kQueryRows / p.per_kv()) * p.per_kv();
   const int64_t num_threads = std::min<int64_t>(at::get_num_threads(), items.size());
   std::atomic<size_t> next{0};
   at::parallel_for(0, num_threads, 1, [&](int64_t, int64_t) {
-    Scratch<T> w(rows, p.head_dim, p.tile_keys(), p.scores_stride());
+    Scratch<T> w(p, rows);
     for (size_t i = next++; i < items.size(); i = next++) attend(p, items[i], w);
   });
 }
+
+// -- the ops --------------------------------------------------------------------------------
 
 template <typename F>
 void dispatch_dtype(at::ScalarType dtype, F&& fn) {
@@ -393,31 +293,82 @@ void check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t h
   TORCH_CHECK(k_cache.size(2) % head_dim == 0, "cache tiles are not whole rows of head_dim");
 }
 
-// -- the ops --------------------------------------------------------------------------------
+void check_int32(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous(), "metadata must be contiguous int32");
+}
+
+// What both ops share: queries, output, sequences, masking.
+template <typename T>
+Problem<T> problem(const at::Tensor& q, at::Tensor& out, const at::Tensor& cu_seqlens_q,
+                   const int32_t* seq_lens, int64_t num_kv_heads, double scale,
+                   int64_t sliding_window, bool causal) {
+  Problem<T> p;
+  p.q = q.data_ptr<T>();
+  p.q_token_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.out = out.data_ptr<T>();
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.seq_lens = seq_lens;
+  p.num_heads = q.size(1);
+  p.num_kv_heads = num_kv_heads;
+  p.head_dim = q.size(2);
+  p.scale = static_cast<float>(scale);
+  p.window = sliding_window;
+  p.causal = causal;
+  return p;
+}
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
                            const at::Tensor& block_tables, double scale, int64_t sliding_window,
                            bool causal) {
-  const int64_t num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t head_dim = q.size(2), num_seqs = seq_lens.size(0);
   check_cache(k_cache, v_cache, head_dim);
   TORCH_CHECK(q.stride(2) == 1 && q.scalar_type() == k_cache.scalar_type(),
               "q must have unit stride in head_dim and the cache's dtype");
-  TORCH_CHECK(num_heads % k_cache.size(1) == 0, "query heads must be a multiple of KV heads");
-  for (const at::Tensor* t : {&cu_seqlens_q, &seq_lens, &block_tables})
-    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), "metadata must be contiguous int32");
-  const int64_t num_seqs = seq_lens.size(0);
+  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "query heads must be a multiple of KV heads");
+  for (const at::Tensor* t : {&cu_seqlens_q, &seq_lens, &block_tables}) check_int32(*t);
   TORCH_CHECK(cu_seqlens_q.size(0) == num_seqs + 1 && block_tables.size(0) == num_seqs,
               "metadata lengths disagree");
-  at::Tensor out = at::empty({q.size(0), num_heads, head_dim}, q.options());
+  at::Tensor out = at::empty(q.sizes(), q.options());
   dispatch_dtype(q.scalar_type(), [&](auto zero) {
     using T = decltype(zero);
-    const Problem<T> p{q.data_ptr<T>(), q.stride(0), q.stride(1), k_cache.data_ptr<T>(),
-                       v_cache.data_ptr<T>(), out.data_ptr<T>(), cu_seqlens_q.data_ptr<int32_t>(),
-                       seq_lens.data_ptr<int32_t>(), block_tables.data_ptr<int32_t>(),
-                       block_tables.size(1), num_heads, k_cache.size(1), head_dim,
-                       k_cache.size(2) / head_dim, static_cast<float>(scale), sliding_window, causal};
-    run(p, plan(p, num_seqs));
+    Problem<T> p = problem<T>(q, out, cu_seqlens_q, seq_lens.data_ptr<int32_t>(), k_cache.size(1),
+                              scale, sliding_window, causal);
+    p.k = k_cache.data_ptr<T>();
+    p.v = v_cache.data_ptr<T>();
+    p.block_tables = block_tables.data_ptr<int32_t>();
+    p.max_blocks = block_tables.size(1);
+    p.block_size = k_cache.size(2) / head_dim;
+    run(p, num_seqs);
+  });
+  return out;
+}
+
+at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& cu_seqlens_q, double scale, int64_t sliding_window,
+                            bool causal) {
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && k.sizes() == v.sizes() &&
+                  q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
+              "q, k, v must share a dtype and have unit stride in head_dim");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "query heads must be a multiple of KV heads");
+  check_int32(cu_seqlens_q);
+  const int32_t* starts = cu_seqlens_q.data_ptr<int32_t>();
+  const int64_t num_seqs = cu_seqlens_q.size(0) - 1;
+  std::vector<int32_t> seq_lens(num_seqs);       // each sequence is all new: keys = queries
+  for (int64_t s = 0; s < num_seqs; ++s) seq_lens[s] = starts[s + 1] - starts[s];
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  dispatch_dtype(q.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);
+    Problem<T> p = problem<T>(q, out, cu_seqlens_q, seq_lens.data(), k.size(1), scale,
+                              sliding_window, causal);
+    p.k = k.data_ptr<T>();
+    p.v = v.data_ptr<T>();
+    p.k_token_stride = k.stride(0);
+    p.k_head_stride = k.stride(1);
+    p.v_token_stride = v.stride(0);
+    p.v_head_stride = v.stride(1);
+    run(p, num_seqs);
   });
   return out;
 }
@@ -469,6 +420,9 @@ static Register reg([](pybind11::module_& m) {
   m.def("paged_attention", &paged_attention,
         "out (num_tokens, num_heads, head_dim) = attention of q over the paged cache "
         "(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, sliding_window, causal)");
+  m.def("varlen_attention", &varlen_attention,
+        "out = attention of each sequence's q over its own k, v rows, no cache "
+        "(q, k, v, cu_seqlens_q, scale, sliding_window, causal)");
   m.def("paged_write_kv", &paged_write_kv,
         "write k, v (num_tokens, num_kv_heads, head_dim) to their slots of the paged cache "
         "(k, v, k_cache, v_cache, slot_mapping)");

@@ -48,10 +48,10 @@ class AttnMetadata:
     decode: AttnGroup | None           # sequences with exactly one new token
     prefill: AttnGroup | None          # sequences with several
     # The whole batch in row order, for kernels that walk the block tables themselves
-    # (CpuPagedAttention); None without a cache.
+    # (CpuPagedAttention).
     cu_seqlens_q: torch.Tensor | None = None   # (num_seqs + 1,) int32 first row of each sequence
     seq_lens: torch.Tensor | None = None       # (num_seqs,) int32 keys per sequence (cached + new)
-    block_tables: torch.Tensor | None = None   # (num_seqs, max_blocks) int32, rows padded with 0
+    block_tables: torch.Tensor | None = None   # (num_seqs, max_blocks) int32, rows padded with 0; None: no cache
     causal: bool = True
     sliding_window: int | None = None          # a query sees keys with pos > q_pos - window
 
@@ -219,15 +219,14 @@ def build_attn_metadata(
 
 def _whole_batch(starts, seq_lens, block_tables, block_size, device) -> dict:
     """AttnMetadata's cu_seqlens_q (= starts), seq_lens and block_tables: int32, row order."""
-    if block_tables is None:
-        return {}
-    num_blocks = [_ceil_div(s_len, block_size) for s_len in seq_lens]
-    max_blocks = max(num_blocks, default=0)
-    padded = [list(table[:n]) + [0] * (max_blocks - n) for table, n in zip(block_tables, num_blocks)]
     int32 = dict(dtype=torch.int32, device=device)
-    return dict(cu_seqlens_q=torch.tensor(starts, **int32),
-                seq_lens=torch.tensor(list(seq_lens), **int32),
-                block_tables=torch.tensor(padded, **int32).view(len(padded), max_blocks))
+    batch = dict(cu_seqlens_q=torch.tensor(starts, **int32), seq_lens=torch.tensor(list(seq_lens), **int32))
+    if block_tables is not None:
+        num_blocks = [_ceil_div(s_len, block_size) for s_len in seq_lens]
+        max_blocks = max(num_blocks, default=0)
+        padded = [list(table[:n]) + [0] * (max_blocks - n) for table, n in zip(block_tables, num_blocks)]
+        batch["block_tables"] = torch.tensor(padded, **int32).view(len(padded), max_blocks)
+    return batch
 
 
 def _build_group(indices, query_lens, seq_lens, starts, tables, block_size,

@@ -17,13 +17,14 @@ of a block's keys are whole-vector FMAs down head_dim:
     k_cache, v_cache: (num_blocks, num_kv_heads, block_size * head_dim)
     K tile: (head_dim, block_size)      V tile: (block_size, head_dim)
 
-Without a cache (encoders: each sequence attends to its own tokens) it runs the reference.
+Without a cache (encoders: each sequence attends to its own tokens, both ways unless causal)
+`varlen_attention` runs the same loop over the step's own k, v rows.
 """
 from __future__ import annotations
 
 from types import ModuleType
 
-from engine.layers.attention import AttnMetadata, TorchAttention
+from engine.layers.attention import AttnMetadata
 
 
 class CpuPagedAttention:
@@ -34,16 +35,15 @@ class CpuPagedAttention:
 
     def __init__(self, ops: ModuleType):
         self.ops = ops
-        self.reference = TorchAttention()
 
     def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
         return (num_blocks, num_kv_heads, block_size * head_dim)
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttnMetadata, scale: float):
         # q: (num_tokens, num_heads, head_dim); k, v: (num_tokens, num_kv_heads, head_dim)
+        window = meta.sliding_window or 0
         if meta.slot_mapping is None:
-            return self.reference.forward(q, k, v, None, None, meta, scale)
+            return self.ops.varlen_attention(q, k, v, meta.cu_seqlens_q, scale, window, meta.causal)
         self.ops.paged_write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         return self.ops.paged_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
-                                        meta.block_tables, scale, meta.sliding_window or 0,
-                                        meta.causal)
+                                        meta.block_tables, scale, window, meta.causal)
