@@ -216,6 +216,23 @@ def test_engine_greedy_tokens_equal_the_reference_backend(family, tiny_checkpoin
     assert ours == theirs
 
 
+def test_forked_sequences_copy_the_shared_tail_along_the_block_axis(tiny_llama):
+    """n = 3 shares the prompt's blocks; each sibling copies the half-full last block
+    (ModelRunner.copy_blocks, along block_axis) before writing to it: greedy, all three
+    must be the single completion."""
+    def complete(n: int) -> list[list[int]]:
+        engine = LLMEngine(str(tiny_llama), EngineConfig(num_kv_blocks=64, block_size=4,
+                                                         enable_prefix_caching=False))
+        engine.add_request("r", list(range(3, 25)), SamplingParams(n=n, max_tokens=8, temperature=0,
+                                                                   ignore_eos=True))
+        while engine.has_unfinished_requests():
+            outputs = engine.step()
+        assert isinstance(engine.runner.backend, CpuPagedAttention)
+        return [c.token_ids for c in outputs[0].outputs]
+
+    assert complete(3) == complete(1) * 3
+
+
 def test_the_encoder_runs_the_op_on_a_cpu():
     runner = EncoderRunner("all-minilm-l6-v2")
     backends = {type(m.backend) for m in runner.model.modules() if isinstance(m, Attention)}
