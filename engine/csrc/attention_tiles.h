@@ -66,11 +66,11 @@ inline float max_of(const float* x, int64_t n) {
 // x = exp(x - shift) in place; returns the sum. n is a whole number of Wide vectors.
 inline float exp_shifted(float* x, int64_t n, float shift) {
   Wide sum = Wide::zero();
-  const Wide shift_v = Wide::broadcast(shift), one = Wide::broadcast(1.f);
+  const Wide shift_v = Wide::broadcast(shift);
   for (int64_t i = 0; i < n; i += Wide::kLanes) {
     const Wide e = exp(Wide::load(x + i) - shift_v);
     e.store(x + i);
-    sum = fma(one, e, sum);
+    sum = sum + e;
   }
   return sum.reduce_add();
 }
@@ -78,7 +78,8 @@ inline float exp_shifted(float* x, int64_t n, float shift) {
 // One row's online-softmax step over the tile's n columns, of which it sees [c0, c1): its
 // scores become weights, 0 where it sees nothing (-inf before exp, so no column needs a
 // scalar tail); returns the factor its running sum and output scale by.
-inline float softmax_step(float* scores, int64_t n, int64_t c0, int64_t c1, float& row_max, float& row_sum) {
+inline float softmax_step(float* scores, int64_t n, int64_t c0, int64_t c1, float& row_max,
+                          float& row_sum) {
   const int64_t padded = (n + Wide::kLanes - 1) / Wide::kLanes * Wide::kLanes;
   if (c0 >= c1) {
     std::fill(scores, scores + padded, 0.f);

@@ -40,6 +40,7 @@ struct Scalar {
   void store(float* p) const { *p = x; }
   float reduce_add() const { return x; }
   float reduce_max() const { return x; }
+  friend Scalar operator+(Scalar a, Scalar b) { return {a.x + b.x}; }
   friend Scalar operator-(Scalar a, Scalar b) { return {a.x - b.x}; }
   friend Scalar operator*(Scalar a, Scalar b) { return {a.x * b.x}; }
   friend Scalar fma(Scalar a, Scalar b, Scalar c) { return {a.x * b.x + c.x}; }
@@ -66,6 +67,7 @@ struct Vec512 {
   void store(float* p) const { _mm512_storeu_ps(p, x); }
   float reduce_add() const { return _mm512_reduce_add_ps(x); }
   float reduce_max() const { return _mm512_reduce_max_ps(x); }
+  friend Vec512 operator+(Vec512 a, Vec512 b) { return {_mm512_add_ps(a.x, b.x)}; }
   friend Vec512 operator-(Vec512 a, Vec512 b) { return {_mm512_sub_ps(a.x, b.x)}; }
   friend Vec512 operator*(Vec512 a, Vec512 b) { return {_mm512_mul_ps(a.x, b.x)}; }
   friend Vec512 fma(Vec512 a, Vec512 b, Vec512 c) { return {_mm512_fmadd_ps(a.x, b.x, c.x)}; }
@@ -111,6 +113,7 @@ struct Vec256 {
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
   }
+  friend Vec256 operator+(Vec256 a, Vec256 b) { return {_mm256_add_ps(a.x, b.x)}; }
   friend Vec256 operator-(Vec256 a, Vec256 b) { return {_mm256_sub_ps(a.x, b.x)}; }
   friend Vec256 operator*(Vec256 a, Vec256 b) { return {_mm256_mul_ps(a.x, b.x)}; }
   friend Vec256 fma(Vec256 a, Vec256 b, Vec256 c) { return {_mm256_fmadd_ps(a.x, b.x, c.x)}; }
