@@ -1,9 +1,9 @@
 """One attention layer-call on the CPU: TorchAttention against CpuPagedAttention.
 
-    python -m benchmarks.attention_step [--repeats 15] [--threads N]
+    python -m benchmarks.attention_step [--repeats 15] [--threads N] [--dtype bfloat16]
 
-SmolLM2-135M shapes (9 query heads, 3 KV heads, head_dim 64, blocks of 16 tokens), fp32:
-decode steps at batch 1/16/64 with 256- and 1024-token contexts, and one 512-token prefill
+SmolLM2-135M shapes (9 query heads, 3 KV heads, head_dim 64, blocks of 16 tokens), fp32 unless
+--dtype says: decode steps at batch 1/16/64 with 256- and 1024-token contexts, and one 512-token prefill
 chunk. Each call writes the step's new K/V and attends, as a layer does. Blocks are shuffled
 across the pool, and calls cycle through enough layers' caches (>= 256 MiB per backend) that
 each reads its keys from memory, not from the last call's L3, as in a 30-layer model.
@@ -54,11 +54,11 @@ CASES.append(Case("encoder 16 x ~128", _ENCODER_LENS, _ENCODER_LENS, 12, 12, 32,
 class Layers:
     """A backend's per-layer caches and the step's inputs; `call()` runs the next layer."""
 
-    def __init__(self, backend, case: Case, seed: int = 0):
+    def __init__(self, backend, case: Case, dtype: torch.dtype, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         num_tokens = sum(case.query_lens)
-        self.q = torch.randn(num_tokens, case.num_heads, case.head_dim, generator=g)
-        self.k, self.v = torch.randn(2, num_tokens, case.num_kv_heads, case.head_dim, generator=g)
+        self.q = torch.randn(num_tokens, case.num_heads, case.head_dim, generator=g).to(dtype)
+        self.k, self.v = torch.randn(2, num_tokens, case.num_kv_heads, case.head_dim, generator=g).to(dtype)
         self.scale, self.backend, self.next_layer = case.head_dim ** -0.5, backend, 0
         if not case.paged:
             self.meta = build_attn_metadata(case.query_lens, case.seq_lens, None, 1, causal=False)
@@ -71,8 +71,8 @@ class Layers:
                   for i in range(len(case.seq_lens))]
         self.meta = build_attn_metadata(case.query_lens, case.seq_lens, tables, BLOCK_SIZE)
         shape = backend.kv_cache_shape(num_blocks, BLOCK_SIZE, case.num_kv_heads, case.head_dim)
-        num_layers = max(1, math.ceil(MIN_POOL_BYTES / (2 * math.prod(shape) * 4)))
-        self.caches = torch.randn(num_layers, 2, *shape, generator=g)  # (layers, K/V, *layout)
+        num_layers = max(1, math.ceil(MIN_POOL_BYTES / (2 * math.prod(shape) * dtype.itemsize)))
+        self.caches = torch.randn(num_layers, 2, *shape, generator=g).to(dtype)  # (layers, K/V, *layout)
 
     def call(self) -> None:
         k_cache, v_cache = self.caches[self.next_layer]
@@ -99,8 +99,8 @@ def backends() -> dict[str, object]:
     return found
 
 
-def run_case(case: Case, found: dict[str, object], repeats: int) -> dict[str, float]:
-    layers = {name: Layers(backend, case) for name, backend in found.items()}
+def run_case(case: Case, found: dict[str, object], repeats: int, dtype: torch.dtype) -> dict[str, float]:
+    layers = {name: Layers(backend, case, dtype) for name, backend in found.items()}
     for each in layers.values():                       # warm up: first touch, thread pool
         time_calls(each, min_seconds=0.02)
     samples = {name: [] for name in layers}
@@ -114,19 +114,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds per case")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--dtype", default="float32", help="of q, k, v and the cache")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     found = backends()
     print(f"machine: {machine()}; torch threads {torch.get_num_threads()}")
     print(f"cpu flags: {', '.join(sorted(cpu_features().flags))}")
-    print(f"fp32, 9 heads / 3 KV heads, head_dim 64, block {BLOCK_SIZE} (the encoder: 12 / 12 / 32); "
+    print(f"{args.dtype}, 9 heads / 3 KV heads, head_dim 64, block {BLOCK_SIZE} (the encoder: 12 / 12 / 32); "
           f"median ms per layer-call of {args.repeats} rounds")
     ops_names = [name for name in found if name != "torch"]
     header = f"{'case':<22}" + "".join(f"{name:>12}" for name in found)
     print(header + "".join(f"{'torch/' + name.removeprefix('cpp '):>14}" for name in ops_names))
     for case in CASES:
-        ms = run_case(case, found, args.repeats)
+        ms = run_case(case, found, args.repeats, getattr(torch, args.dtype))
         row = f"{case.name:<22}" + "".join(f"{ms[name]:>12.3f}" for name in found)
         print(row + "".join(f"{ms['torch'] / ms[name]:>13.1f}x" for name in ops_names), flush=True)
 
