@@ -23,9 +23,10 @@ from engine.layers.attention import Attention, TorchAttention, build_attn_metada
 from engine.layers.cpu_attention import CpuPagedAttention
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
-# (query_lens, seq_lens): decodes at 1 key, a block, a block + 1 and long contexts; prefill
-# chunks from the start, over cached context, and longer than one work item (48 rows).
-RAGGED = ([1, 1, 1, 1, 7, 33, 70, 1], [1, 16, 17, 100, 27, 33, 100, 5])
+# (query_lens, seq_lens): decodes at 1 key, a block, a block + 1 and a context of several
+# 128-key tiles; prefill chunks from the start, over cached context (one spanning tiles), and
+# longer than one work item (48 rows).
+RAGGED = ([1, 1, 1, 1, 7, 33, 70, 1], [1, 16, 17, 300, 27, 33, 300, 5])
 
 
 @pytest.fixture(params=["native", "avx2"])
@@ -170,8 +171,8 @@ def test_negative_slots_write_nothing(ops):
 @pytest.mark.parametrize("causal", [True, False])
 def test_without_a_cache_matches_the_reference(ops, causal, window, dtype):
     """Encoders: no cache, each sequence attends to its own rows (both ways unless causal);
-    lengths over and under a 64-key tile, head_dim 32 (MiniLM's), GQA 2."""
-    lens, num_kv_heads, per_kv, head_dim = [3, 1, 9, 64, 130], 3, 2, 32
+    lengths under, at and over a 128-key tile, head_dim 32 (MiniLM's), GQA 2."""
+    lens, num_kv_heads, per_kv, head_dim = [3, 1, 9, 128, 300], 3, 2, 32
     meta = build_attn_metadata(lens, lens, None, 1, causal=causal, sliding_window=window)
     g = torch.Generator().manual_seed(0)
     num_heads, num_tokens = num_kv_heads * per_kv, sum(lens)

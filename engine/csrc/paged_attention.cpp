@@ -37,7 +37,7 @@ namespace {
 using namespace tiles;
 
 constexpr int64_t kQueryRows = 48;   // rows per work item: its scores and output stay in L1/L2
-constexpr int64_t kTileKeys = 64;    // keys per softmax step (whole blocks, at least one)
+constexpr int64_t kTileKeys = 128;   // keys per softmax step (whole blocks, at least one)
 
 template <typename T>
 struct Problem {
