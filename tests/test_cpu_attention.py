@@ -157,6 +157,30 @@ def test_every_thread_count_gives_the_same_bits(ops):
     assert all(torch.equal(outputs[0], out) for out in outputs[1:])
 
 
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_a_sequence_gets_the_same_bits_in_any_batch_and_any_chunk_split(ops, block_size):
+    """fp32 promises batch invariance: a row sums its keys in the same order whatever else
+    runs and however its prompt was chunked, sliding window included."""
+    step = random_step(*RAGGED, block_size=block_size, num_kv_heads=3, per_kv=3, window=200)
+    query_lens, seq_lens = RAGGED
+    backend = CpuPagedAttention(ops)
+    caches = to_paged(step.keys, step.values)
+    batched = backend.forward(step.q, step.k, step.v, *(c.clone() for c in caches), step.meta, 0.125)
+
+    def alone(seq: int, first: int, count: int) -> torch.Tensor:
+        """Rows first .. first + count of sequence seq's new tokens, as a step of their own."""
+        start = sum(query_lens[:seq]) + first
+        seq_len = seq_lens[seq] - query_lens[seq] + first + count
+        meta = build_attn_metadata([count], [seq_len], [step.meta.block_tables[seq].tolist()],
+                                   block_size, sliding_window=200)
+        rows = slice(start, start + count)
+        return backend.forward(step.q[rows], step.k[rows], step.v[rows], *caches, meta, 0.125)
+
+    chunk = torch.cat([alone(6, 0, 30), alone(6, 30, 40)])     # 70 new tokens in two steps
+    assert torch.equal(chunk, batched[44:114])
+    assert torch.equal(alone(3, 0, 1), batched[3:4])             # a decode at 300 keys
+
+
 def test_negative_slots_write_nothing(ops):
     step = random_step([2], [2], num_kv_heads=1)
     k_cache, v_cache = to_paged(step.keys, step.values)

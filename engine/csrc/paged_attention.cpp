@@ -227,7 +227,9 @@ void attend(const Problem<T>& p, const WorkItem& item, Scratch<T>& w) {
   std::fill_n(w.acc.begin(), rows * p.head_dim, 0.f);
 
   const int64_t tile_keys = p.tile_keys();
-  for (int64_t t0 = keys.lo / p.block_size * p.block_size; t0 < keys.hi; t0 += tile_keys) {
+  // Tiles start at multiples of tile_keys whatever the item, so a row sums its keys in the same
+  // order in any batch and any split of its chunk: fp32 results do not depend on the batch.
+  for (int64_t t0 = keys.lo / tile_keys * tile_keys; t0 < keys.hi; t0 += tile_keys) {
     const int64_t t1 = std::min(t0 + tile_keys, keys.hi);
     if (p.paged())
       paged_tile_scores(p, item, rows, t0, t1, w);
