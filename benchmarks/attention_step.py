@@ -1,6 +1,6 @@
 """One attention layer-call on the CPU: TorchAttention against CpuPagedAttention.
 
-    python -m benchmarks.attention_step [--repeats 15] [--threads N] [--dtype bfloat16]
+    python -m benchmarks.attention_step [--repeats 15] [--threads N] [--dtype bfloat16] [--cpu-time]
 
 SmolLM2-135M shapes (9 query heads, 3 KV heads, head_dim 64, blocks of 16 tokens), fp32 unless
 --dtype says: decode steps at batch 1/16/64 with 256- and 1024-token contexts, and one 512-token prefill
@@ -11,7 +11,9 @@ Last, an encoder batch (all-MiniLM-L6-v2 shapes: 12 heads, head_dim 32; no cache
 
 Backends: the reference; the C++ op of this CPU's build; the C++ op of the AVX2 build (if
 this CPU has AVX2). Rounds interleave the backends; a row prints the median ms per call and
-the reference's time over each op's.
+the reference's time over each op's. Wall-clock time by default; --cpu-time counts the
+process's CPU time instead, which on a shared machine leaves out the time spent waiting for
+a core (with --threads 1; with more it would count OpenMP's spinning too).
 """
 from __future__ import annotations
 
@@ -80,10 +82,10 @@ class Layers:
         self.backend.forward(self.q, self.k, self.v, k_cache, v_cache, self.meta, self.scale)
 
 
-def time_calls(layers: Layers, min_seconds: float = 0.05) -> float:
+def time_calls(layers: Layers, clock=time.perf_counter, min_seconds: float = 0.05) -> float:
     """ms per call over at least min_seconds of back-to-back calls."""
-    calls, started = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - started) < min_seconds or calls < 3:
+    calls, started = 0, clock()
+    while (elapsed := clock() - started) < min_seconds or calls < 3:
         layers.call()
         calls += 1
     return elapsed / calls * 1e3
@@ -99,14 +101,15 @@ def backends() -> dict[str, object]:
     return found
 
 
-def run_case(case: Case, found: dict[str, object], repeats: int, dtype: torch.dtype) -> dict[str, float]:
+def run_case(case: Case, found: dict[str, object], repeats: int, dtype: torch.dtype,
+             clock) -> dict[str, float]:
     layers = {name: Layers(backend, case, dtype) for name, backend in found.items()}
     for each in layers.values():                       # warm up: first touch, thread pool
-        time_calls(each, min_seconds=0.02)
+        time_calls(each, clock, min_seconds=0.02)
     samples = {name: [] for name in layers}
     for _ in range(repeats):                           # interleaved, so noise hits all alike
         for name, each in layers.items():
-            samples[name].append(time_calls(each))
+            samples[name].append(time_calls(each, clock))
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds per case")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--dtype", default="float32", help="of q, k, v and the cache")
+    parser.add_argument("--cpu-time", action="store_true", help="time by the process's CPU time")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,12 +126,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {machine()}; torch threads {torch.get_num_threads()}")
     print(f"cpu flags: {', '.join(sorted(cpu_features().flags))}")
     print(f"{args.dtype}, 9 heads / 3 KV heads, head_dim 64, block {BLOCK_SIZE} (the encoder: 12 / 12 / 32); "
-          f"median ms per layer-call of {args.repeats} rounds")
+          f"median {'CPU' if args.cpu_time else 'wall-clock'} ms per layer-call of {args.repeats} rounds")
     ops_names = [name for name in found if name != "torch"]
     header = f"{'case':<22}" + "".join(f"{name:>12}" for name in found)
     print(header + "".join(f"{'torch/' + name.removeprefix('cpp '):>14}" for name in ops_names))
+    clock = time.process_time if args.cpu_time else time.perf_counter
     for case in CASES:
-        ms = run_case(case, found, args.repeats, getattr(torch, args.dtype))
+        ms = run_case(case, found, args.repeats, getattr(torch, args.dtype), clock)
         row = f"{case.name:<22}" + "".join(f"{ms[name]:>12.3f}" for name in found)
         print(row + "".join(f"{ms['torch'] / ms[name]:>13.1f}x" for name in ops_names), flush=True)
 
