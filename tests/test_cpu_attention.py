@@ -190,6 +190,27 @@ def test_negative_slots_write_nothing(ops):
     assert torch.equal(v_cache.nan_to_num(), before[1].nan_to_num())
 
 
+def test_metadata_that_would_read_outside_the_cache_is_refused(ops):
+    step = random_step([1, 3], [20, 3])
+    k_cache, v_cache = to_paged(step.keys, step.values)
+    m = step.meta
+
+    def attend(**changes):
+        m2 = dataclasses.replace(m, **changes)
+        return ops.paged_attention(step.q, k_cache, v_cache, m2.cu_seqlens_q, m2.seq_lens,
+                                   m2.block_tables, 0.125, 0, True)
+
+    attend()
+    with pytest.raises(RuntimeError, match="block out of range"):
+        attend(block_tables=torch.full_like(m.block_tables, k_cache.shape[0]))
+    with pytest.raises(RuntimeError, match="block table too short"):
+        attend(seq_lens=m.seq_lens + 16)
+    with pytest.raises(RuntimeError, match="cu_seqlens_q"):
+        attend(cu_seqlens_q=m.cu_seqlens_q - 1)
+    with pytest.raises(RuntimeError, match="slot past the cache"):
+        ops.paged_write_kv(step.k, step.v, k_cache, v_cache, m.slot_mapping + k_cache.numel())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("causal", [True, False])

@@ -128,8 +128,8 @@ void paged_tile_scores(const Problem<T>& p, const WorkItem& item, int64_t rows, 
   }
 }
 
-// The same from the step's own rows: they are transposed into one tile first (head_dim x 64
-// copies, against rows x head_dim x 64 FMAs), then read as a cache tile would be.
+// The same from the step's own rows: they are transposed into one tile first (a copy per key
+// and dim, against `rows` FMAs each), then read as a cache tile would be.
 template <typename T>
 void row_tile_scores(const Problem<T>& p, const WorkItem& item, int64_t rows, int64_t t0,
                      int64_t t1, Scratch<T>& w) {
@@ -299,6 +299,28 @@ void check_int32(const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous(), "metadata must be contiguous int32");
 }
 
+// Every read must stay inside the tensors: a wrong table would otherwise read other memory.
+// seq_lens and block_tables may be null (no cache: keys are the sequence's own rows).
+void check_sequences(const at::Tensor& cu_seqlens_q, const int32_t* seq_lens,
+                     const at::Tensor* block_tables, int64_t num_tokens, int64_t num_blocks,
+                     int64_t block_size) {
+  const int32_t* starts = cu_seqlens_q.data_ptr<int32_t>();
+  const int64_t num_seqs = cu_seqlens_q.size(0) - 1;
+  TORCH_CHECK(num_seqs >= 0 && starts[0] == 0 && starts[num_seqs] == num_tokens,
+              "cu_seqlens_q must run from 0 to the number of tokens");
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t query_len = starts[s + 1] - starts[s];
+    const int64_t seq_len = seq_lens ? seq_lens[s] : query_len;
+    TORCH_CHECK(query_len >= 0 && query_len <= seq_len, "sequence ", s, ": bad lengths");
+    if (block_tables == nullptr) continue;
+    const int64_t used = (seq_len + block_size - 1) / block_size;
+    TORCH_CHECK(used <= block_tables->size(1), "sequence ", s, ": block table too short");
+    const int32_t* table = block_tables->data_ptr<int32_t>() + s * block_tables->size(1);
+    for (int64_t b = 0; b < used; ++b)
+      TORCH_CHECK(table[b] >= 0 && table[b] < num_blocks, "sequence ", s, ": block out of range");
+  }
+}
+
 // What both ops share: queries, output, sequences, masking.
 template <typename T>
 Problem<T> problem(const at::Tensor& q, at::Tensor& out, const at::Tensor& cu_seqlens_q,
@@ -332,6 +354,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   for (const at::Tensor* t : {&cu_seqlens_q, &seq_lens, &block_tables}) check_int32(*t);
   TORCH_CHECK(cu_seqlens_q.size(0) == num_seqs + 1 && block_tables.size(0) == num_seqs,
               "metadata lengths disagree");
+  check_sequences(cu_seqlens_q, seq_lens.data_ptr<int32_t>(), &block_tables, q.size(0),
+                  k_cache.size(0), k_cache.size(2) / head_dim);
   at::Tensor out = at::empty(q.sizes(), q.options());
   dispatch_dtype(q.scalar_type(), [&](auto zero) {
     using T = decltype(zero);
@@ -353,8 +377,10 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && k.sizes() == v.sizes() &&
                   q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
               "q, k, v must share a dtype and have unit stride in head_dim");
-  TORCH_CHECK(q.size(1) % k.size(1) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(0) == k.size(0) && q.size(2) == k.size(2),
+              "q and k must have the same tokens and head_dim, whole GQA groups");
   check_int32(cu_seqlens_q);
+  check_sequences(cu_seqlens_q, nullptr, nullptr, q.size(0), 0, 1);
   const int32_t* starts = cu_seqlens_q.data_ptr<int32_t>();
   const int64_t num_seqs = cu_seqlens_q.size(0) - 1;
   std::vector<int32_t> seq_lens(num_seqs);       // each sequence is all new: keys = queries
@@ -407,11 +433,14 @@ void paged_write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
                   slot_mapping.size(0) == k.size(0),
               "slot_mapping must be contiguous int64, one per token");
   const int64_t block_size = k_cache.size(2) / head_dim;
+  TORCH_CHECK(k.size(1) == k_cache.size(1), "k and the cache must have the same KV heads");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < k.size(0); ++t)
+    TORCH_CHECK(slots[t] < k_cache.size(0) * block_size, "token ", t, ": slot past the cache");
   dispatch_dtype(k.scalar_type(), [&](auto zero) {
     using T = decltype(zero);
     T* k_data = k_cache.data_ptr<T>();
     T* v_data = v_cache.data_ptr<T>();
-    const int64_t* slots = slot_mapping.data_ptr<int64_t>();
     at::parallel_for(0, k.size(0), 64, [&](int64_t begin, int64_t end) {
       write_tokens(k, v, k_data, v_data, slots, block_size, begin, end);
     });
