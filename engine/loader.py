@@ -19,6 +19,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.layers.linear import MergedLinear
+from engine.layers.moe import GroupedExperts
 
 if TYPE_CHECKING:                     # engine.models imports every family: only for annotations
     from engine.models import CheckpointModel
@@ -150,12 +151,16 @@ def _read_weight_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def load_weights(model: CheckpointModel, tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
     """Copy every checkpoint tensor into its parameter; every parameter must be filled."""
     params = dict(model.named_parameters())
+    experts = {name: m for name, m in model.named_modules() if isinstance(m, GroupedExperts)}
     loaded: set[str] = set()
     for checkpoint_name, tensor in tensors:
         name = model.checkpoint_name(checkpoint_name)
         if name is None:
             continue
         try:
+            if experts and (owner := _experts_owner(experts, name)) is not None:
+                loaded.update(_load_experts(experts[owner], owner, name, tensor))
+                continue
             loaded.add(_load_one(model, params, name, tensor))
         except (KeyError, ValueError, AttributeError) as exc:
             message = exc.args[0] if exc.args else exc
@@ -186,6 +191,21 @@ def _load_one(model: nn.Module, params: dict[str, nn.Parameter], name: str,
     return name
 
 
+def _experts_owner(experts: dict[str, GroupedExperts], name: str) -> str | None:
+    """The GroupedExperts module a checkpoint name falls under, if any."""
+    prefix = name
+    while "." in prefix:
+        prefix = prefix.rpartition(".")[0]
+        if prefix in experts:
+            return prefix
+    return None
+
+
+def _load_experts(module: GroupedExperts, owner: str, name: str, tensor: torch.Tensor) -> list[str]:
+    """Per-expert, stacked or fused expert weights into the module's stacked parameters."""
+    return [f"{owner}.{key}" for key in module.load_checkpoint_tensor(name[len(owner) + 1:], tensor)]
+
+
 def _expected_keys(model: nn.Module) -> set[str]:
     keys = set()
     for module_name, module in model.named_modules():
@@ -193,6 +213,8 @@ def _expected_keys(model: nn.Module) -> set[str]:
             full = f"{module_name}.{param_name}" if module_name else param_name
             if isinstance(module, MergedLinear):
                 keys.update(f"{full}:{shard}" for shard in module.shard_sizes)
+            elif isinstance(module, GroupedExperts):
+                keys.update(f"{full}:{shard}" for shard in module.checkpoint_shards(param_name))
             else:
                 keys.add(full)
     return keys
