@@ -121,6 +121,13 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_moe_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """MoE variant -> a saved tiny checkpoint directory (one tensor per expert, with tokenizer)."""
+    root = tmp_path_factory.mktemp("tiny-moe")
+    return {variant: save_tiny_checkpoint(variant, root / variant) for variant in MOE_VARIANTS}
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tiny_checkpoints) -> Path:
     return tiny_checkpoints["llama"]
 

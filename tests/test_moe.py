@@ -31,13 +31,6 @@ from tests.gguf_writer import write_gguf
 VARIANTS = list(MOE_VARIANTS)
 
 
-@pytest.fixture(scope="session")
-def moe_checkpoints(tmp_path_factory) -> dict[str, object]:
-    """variant -> a saved tiny checkpoint directory (per-expert tensors, with tokenizer)."""
-    root = tmp_path_factory.mktemp("tiny-moe")
-    return {variant: save_tiny_checkpoint(variant, root / variant) for variant in VARIANTS}
-
-
 # -- the layer: grouped experts against the dense reference ----------------------------------
 
 def random_experts(num_experts: int, hidden: int, intermediate: int, seed: int = 0) -> GroupedExperts:
@@ -152,8 +145,8 @@ def test_config_fields_of_each_family():
 # -- the engine: paged KV, chunked prefill, prefix cache, batching, preemption -------------------
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_paged_chunked_prefix_cached_logits_equal_a_full_forward(variant, moe_checkpoints):
-    engine = make_engine(moe_checkpoints[variant], max_num_batched_tokens=7)   # chunks split blocks
+def test_paged_chunked_prefix_cached_logits_equal_a_full_forward(variant, tiny_moe_checkpoints):
+    engine = make_engine(tiny_moe_checkpoints[variant], max_num_batched_tokens=7)   # chunks split blocks
     prompts = prompts_with_shared_prefix(random.Random(0), engine.model_config.vocab_size)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
@@ -184,7 +177,7 @@ def test_paged_chunked_prefix_cached_logits_equal_a_full_forward(variant, moe_ch
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_32_greedy_tokens_equal_transformers_alone_and_batched_under_preemption(variant, moe_checkpoints):
+def test_32_greedy_tokens_equal_transformers_alone_and_batched_under_preemption(variant, tiny_moe_checkpoints):
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 380) for _ in range(n)] for n in (1, 6, 13, 22, 9, 30)]
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
@@ -194,11 +187,11 @@ def test_32_greedy_tokens_equal_transformers_alone_and_batched_under_preemption(
         out = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
                                  eos_token_id=None, pad_token_id=0)
         expected[f"r{i}"] = out[0, len(prompt):].tolist()
-    alone = LLM(str(moe_checkpoints[variant]), num_kv_blocks=64, block_size=4)
+    alone = LLM(str(tiny_moe_checkpoints[variant]), num_kv_blocks=64, block_size=4)
     for i, prompt in enumerate(prompts):
         assert alone.generate([prompt], params)[0].token_ids == expected[f"r{i}"], f"r{i} alone"
     # 24 blocks of 4 tokens hold the longest sequence (62 tokens) and a little more: preemption.
-    engine = make_engine(moe_checkpoints[variant], num_kv_blocks=24, max_num_batched_tokens=24)
+    engine = make_engine(tiny_moe_checkpoints[variant], num_kv_blocks=24, max_num_batched_tokens=24)
     batched = run_with_random_arrivals(engine, {f"r{i}": (p, params) for i, p in enumerate(prompts)}, seed=2)
     assert engine.scheduler.num_preemptions > 0
     assert batched == expected
