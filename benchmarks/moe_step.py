@@ -1,0 +1,224 @@
+"""MoE step time against a dense model with the same active parameters: grouped-expert efficiency.
+
+    python -m benchmarks.moe_step [--batches 1,32] [--repeats 5] [--json out.json]
+
+Two random-weight checkpoints of one shape are written to a temp dir (config.json, safetensors,
+a word-level tokenizer):
+  moe     Mixtral-shaped: --experts experts of width --expert-size, each token routed to --top-k
+  dense   LLaMA whose MLP is top_k * expert_size wide: the same parameters active per token
+          (attention, norms, embeddings identical)
+(a) engine: each model served by the engine (float32 on the CPU); B requests decode together
+    and the engine's own times of pure decode steps (every sequence decoding, no prefill) are
+    taken, median per run. Runs alternate moe / dense --repeats times; the table gives the
+    median of the runs' medians and their spread (min-max).
+(b) the FFN alone, on B rows of random hidden states: the MoE block as the engine runs it
+    (grouped GEMMs), the same block with its per-expert Python loop (grouped_matmul_loop), its
+    dense reference (every expert on every token), and the dense model's MLP. Median of
+    --ffn-iters calls per repeat, median over repeats.
+efficiency = dense / moe: 1.0 means routing costs nothing beyond the active parameters. At
+batch 1 a token reads top_k experts, as many weights as the dense MLP; at batch 32 nearly every
+expert is active, so a step reads num_experts / top_k times the dense MLP's weights while doing
+the same FLOPs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import machine
+
+ATTENTION = dict(hidden_size=768, num_attention_heads=12, num_key_value_heads=4, head_dim=64)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,32", help="decode batch sizes")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating runs of each model")
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--expert-size", type=int, default=1536, help="each expert's intermediate width")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--decode-steps", type=int, default=24, help="tokens generated per request")
+    parser.add_argument("--ffn-iters", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def hf_configs(args) -> dict[str, dict]:
+    common = dict(vocab_size=args.vocab, num_hidden_layers=args.layers, max_position_embeddings=4096,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1,
+                  eos_token_id=2, torch_dtype="float32", **ATTENTION)
+    return {
+        "moe": dict(common, model_type="mixtral", architectures=["MixtralForCausalLM"],
+                    intermediate_size=args.expert_size, num_local_experts=args.experts,
+                    num_experts_per_tok=args.top_k),
+        "dense": dict(common, model_type="llama", architectures=["LlamaForCausalLM"],
+                      intermediate_size=args.top_k * args.expert_size),
+    }
+
+
+def write_checkpoint(config: dict, directory: Path) -> Path:
+    """Random weights under transformers' names (experts as its fused pair), std 0.02."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    q = config["num_attention_heads"] * config["head_dim"]
+    kv = config["num_key_value_heads"] * config["head_dim"]
+    layer = {"self_attn.q_proj.weight": (q, hidden), "self_attn.k_proj.weight": (kv, hidden),
+             "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, q),
+             "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,)}
+    if config["model_type"] == "mixtral":
+        experts = config["num_local_experts"]
+        layer |= {"mlp.gate.weight": (experts, hidden), "mlp.experts.gate_up_proj": (experts, 2 * inter, hidden),
+                  "mlp.experts.down_proj": (experts, hidden, inter)}
+    else:
+        layer |= {"mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
+                  "mlp.down_proj.weight": (hidden, inter)}
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (config["vocab_size"], hidden)}
+    shapes |= {f"model.layers.{i}.{name}": shape for i in range(config["num_hidden_layers"])
+               for name, shape in layer.items()}
+    generator = torch.Generator().manual_seed(0)
+    tensors = {name: torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02
+               for name, shape in shapes.items()}
+    directory.mkdir(parents=True)
+    save_file(tensors, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(config))
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(config["vocab_size"])}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+# -- (a) the engine ---------------------------------------------------------------------------
+
+def decode_step_ms(llm, batch: int, args, seed: int) -> float:
+    """Median ms of the steps in which all `batch` sequences decode and nothing prefills."""
+    from engine import SamplingParams
+    stats = []
+    llm.engine.step_listeners.append(stats.append)
+    generator = torch.Generator().manual_seed(seed)       # distinct prompts: no prefix-cache hits
+    prompts = torch.randint(3, llm.engine.model_config.vocab_size, (batch, args.prompt_len),
+                            generator=generator).tolist()
+    llm.generate(prompts, SamplingParams(max_tokens=args.decode_steps, temperature=0, ignore_eos=True))
+    llm.engine.step_listeners.remove(stats.append)
+    steps = [s.duration_s for s in stats if s.num_prefill_tokens == 0 and s.num_seqs == batch]
+    return statistics.median(steps) * 1e3
+
+
+def engine_bench(paths: dict[str, Path], batches: list[int], args) -> dict[str, dict[int, list[float]]]:
+    from engine import LLM
+    llms = {name: LLM(str(path), dtype="float32", max_num_seqs=max(batches), kv_cache_memory="256MiB")
+            for name, path in paths.items()}
+    for llm in llms.values():                               # warm up
+        decode_step_ms(llm, 2, args, seed=99)
+    runs: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches} for name in llms}
+    for repeat in range(args.repeats):
+        for batch in batches:
+            for name, llm in llms.items():                  # alternate, so drift hits both alike
+                runs[name][batch].append(decode_step_ms(llm, batch, args, seed=repeat))
+    return runs
+
+
+# -- (b) the FFN alone ----------------------------------------------------------------------
+
+def ffn_bench(configs: dict[str, dict], batches: list[int], args) -> dict[str, dict[int, list[float]]]:
+    from engine.config import ModelConfig
+    from engine.layers.moe import grouped_matmul, grouped_matmul_loop
+    from engine.models.llama import LlamaMLP
+    from engine.models.moe import SparseMoeBlock
+    moe_config, dense_config = (ModelConfig.from_hf(configs[name]) for name in ("moe", "dense"))
+    torch.manual_seed(0)
+    block, mlp = SparseMoeBlock(moe_config), LlamaMLP(dense_config)
+    for param in [*block.parameters(), *mlp.parameters()]:
+        torch.nn.init.normal_(param, std=0.02)
+
+    def looped(x):
+        block.experts.matmul = grouped_matmul_loop
+        try:
+            return block(x)
+        finally:
+            block.experts.matmul = grouped_matmul
+
+    def dense_reference(x):
+        weights, expert_ids = block.gate(x)
+        return block.experts.forward_dense(x, expert_ids, weights)
+
+    variants = {"moe grouped": block, "moe per-expert loop": looped, "moe dense reference": dense_reference,
+                "dense mlp": mlp}
+    runs: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches} for name in variants}
+    active: dict[int, float] = {}
+    with torch.inference_mode():
+        for batch in batches:
+            x = torch.randn(batch, moe_config.hidden_size)
+            active[batch] = float(block.gate(x)[1].unique().numel())
+            for _ in range(args.repeats):
+                for name, fn in variants.items():
+                    runs[name][batch].append(median_ms(fn, x, args.ffn_iters))
+    runs["experts active"] = {b: [active[b]] for b in batches}
+    return runs
+
+
+def median_ms(fn, x: torch.Tensor, iters: int) -> float:
+    fn(x)
+    times = []
+    for _ in range(iters):
+        started = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e3
+
+
+# -- report ---------------------------------------------------------------------------------
+
+def summary(samples: list[float]) -> str:
+    return f"{statistics.median(samples):7.2f} ({min(samples):.2f}-{max(samples):.2f})"
+
+
+def print_table(title: str, runs: dict[str, dict[int, list[float]]], batches: list[int],
+                ratio: tuple[str, str] | None) -> None:
+    print(f"\n{title}")
+    print(f"  {'':24}" + "".join(f"{f'batch {b}: ms (min-max)':>28}" for b in batches))
+    for name, by_batch in runs.items():
+        print(f"  {name:24}" + "".join(f"{summary(by_batch[b]):>28}" for b in batches))
+    if ratio:
+        dense, moe = ratio
+        cells = [statistics.median(runs[dense][b]) / statistics.median(runs[moe][b]) for b in batches]
+        print(f"  {'efficiency dense/moe':24}" + "".join(f"{c:>28.2f}" for c in cells))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    configs = hf_configs(args)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="moe-step-") as tmp:
+        paths = {name: write_checkpoint(config, Path(tmp) / name) for name, config in configs.items()}
+        engine = engine_bench(paths, batches, args)
+    ffn = ffn_bench(configs, batches, args)
+    print(f"machine: {machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print(f"moe: {args.layers} layers, hidden {ATTENTION['hidden_size']}, {args.experts} experts of "
+          f"{args.expert_size}, top-{args.top_k}; dense: MLP of {args.top_k * args.expert_size}; "
+          f"float32, {args.repeats} alternating runs")
+    print_table("(a) engine decode step (prompt %d tokens, %d steps)" % (args.prompt_len, args.decode_steps),
+                engine, batches, ("dense", "moe"))
+    print_table("(b) FFN alone, one layer", {k: v for k, v in ffn.items() if k != "experts active"},
+                batches, ("dense mlp", "moe grouped"))
+    print("  experts active: " + ", ".join(f"batch {b}: {int(ffn['experts active'][b][0])}" for b in batches))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
+                                         "engine": engine, "ffn": ffn}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
