@@ -14,11 +14,15 @@ a word-level tokenizer):
 (b) the FFN alone, on B rows of random hidden states: the MoE block as the engine runs it
     (grouped GEMMs), the same block with its per-expert Python loop (grouped_matmul_loop), its
     dense reference (every expert on every token), and the dense model's MLP. Median of
-    --ffn-iters calls per repeat, median over repeats.
-efficiency = dense / moe: 1.0 means routing costs nothing beyond the active parameters. At
+    --ffn-iters calls per repeat, median over repeats; and the weight bytes each reads per call
+    (the experts the batch's tokens were routed to, or all of them for the reference) over that
+    time, GB/s.
+efficiency = dense / moe time: 1.0 means routing costs nothing beyond the active parameters. At
 batch 1 a token reads top_k experts, as many weights as the dense MLP; at batch 32 nearly every
-expert is active, so a step reads num_experts / top_k times the dense MLP's weights while doing
-the same FLOPs.
+expert is active, so a step reads num_experts / top_k times the dense MLP's weights for the same
+FLOPs, and on a CPU, where decode is bound by reading weights, the best a MoE can do there is
+about top_k / num_experts. The GB/s columns say how close the grouped GEMMs come to the dense
+GEMM's rate of reading weights, which is the grouping's own efficiency.
 """
 from __future__ import annotations
 
@@ -156,16 +160,20 @@ def ffn_bench(configs: dict[str, dict], batches: list[int], args) -> dict[str, d
     variants = {"moe grouped": block, "moe per-expert loop": looped, "moe dense reference": dense_reference,
                 "dense mlp": mlp}
     runs: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches} for name in variants}
-    active: dict[int, float] = {}
+    bytes_read: dict[str, dict[int, int]] = {name: {} for name in variants}
+    expert_bytes = block.experts.gate_up_proj[0].nbytes + block.experts.down_proj[0].nbytes
     with torch.inference_mode():
         for batch in batches:
             x = torch.randn(batch, moe_config.hidden_size)
-            active[batch] = float(block.gate(x)[1].unique().numel())
+            active = block.gate(x)[1].unique().numel()
+            for name in variants:
+                num_experts = {"dense mlp": 0, "moe dense reference": moe_config.num_experts}.get(name, active)
+                bytes_read[name][batch] = (num_experts * expert_bytes + (block.gate.weight.nbytes if num_experts else
+                                           sum(p.nbytes for p in mlp.parameters())))
             for _ in range(args.repeats):
                 for name, fn in variants.items():
                     runs[name][batch].append(median_ms(fn, x, args.ffn_iters))
-    runs["experts active"] = {b: [active[b]] for b in batches}
-    return runs
+    return {"ms": runs, "bytes": bytes_read}
 
 
 def median_ms(fn, x: torch.Tensor, iters: int) -> float:
@@ -212,9 +220,12 @@ def main(argv: list[str] | None = None) -> None:
           f"float32, {args.repeats} alternating runs")
     print_table("(a) engine decode step (prompt %d tokens, %d steps)" % (args.prompt_len, args.decode_steps),
                 engine, batches, ("dense", "moe"))
-    print_table("(b) FFN alone, one layer", {k: v for k, v in ffn.items() if k != "experts active"},
-                batches, ("dense mlp", "moe grouped"))
-    print("  experts active: " + ", ".join(f"batch {b}: {int(ffn['experts active'][b][0])}" for b in batches))
+    print_table("(b) FFN alone, one layer", ffn["ms"], batches, ("dense mlp", "moe grouped"))
+    print(f"  {'weights read, GB/s':24}" + "".join(f"{f'batch {b}: MB, GB/s':>28}" for b in batches))
+    for name, by_batch in ffn["bytes"].items():
+        cells = [f"{by_batch[b] / 1e6:7.1f}, {by_batch[b] / statistics.median(ffn['ms'][name][b]) / 1e6:5.2f}"
+                 for b in batches]
+        print(f"  {name:24}" + "".join(f"{c:>28}" for c in cells))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
                                          "engine": engine, "ffn": ffn}, indent=1))

@@ -223,6 +223,22 @@ def test_f32_gguf_loads_to_the_logits_of_its_safetensors_twin(variant, tmp_path)
     assert (our_logits(path) - reference_logits(model)).abs().max() < 1e-4
 
 
+def test_gguf_routing_keys_and_their_defaults(tmp_path):
+    """llama.cpp renormalizes Mixtral's top-k and not qwen2moe's or olmoe's unless the file's
+    expert_weights_norm says so; olmoe's clamp_kqv is clip_qkv."""
+    def config_of(variant, **metadata):
+        path = tmp_path / f"{variant}.gguf"
+        if not path.exists():
+            write_gguf(tiny_hf_model(variant, **GGUF_VARIANTS.get(variant, {})), path)
+        return hf_config_from_gguf({**read_metadata(path), **metadata})
+    assert config_of("mixtral")["model_type"] == "mixtral"
+    assert ModelConfig.from_hf(config_of("mixtral")).norm_topk_prob
+    assert not config_of("qwen2_moe")["norm_topk_prob"]
+    assert config_of("qwen2_moe", **{"qwen2moe.expert_weights_norm": True})["norm_topk_prob"]
+    assert config_of("olmoe")["clip_qkv"] is None
+    assert ModelConfig.from_hf(config_of("olmoe", **{"olmoe.attention.clamp_kqv": 1.5})).clip_qkv == 1.5
+
+
 @pytest.mark.parametrize("tensor_type", ["Q8_0", "Q4_0"])
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "olmoe"])
 def test_quantized_gguf_matches_transformers_on_the_dequantized_weights(variant, tensor_type, tmp_path):
