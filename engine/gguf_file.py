@@ -2,7 +2,7 @@
 
 A GGUF file becomes exactly what the equivalent HF checkpoint holds: HF parameter names, HF
 shapes, HF orientation, float32 values. One loader path then serves both formats. Beyond a
-rename, three things differ from an HF checkpoint:
+rename, four things differ from an HF checkpoint:
   * quantized blocks, dequantized here at load by `gguf.quants.dequantize`;
   * llama.cpp's converter interleaves the rotary halves of the attn_q / attn_k rows (llama
     only; its qwen2 converter leaves them alone), which we undo;
@@ -344,12 +344,12 @@ def _moe_config(metadata: dict[str, Any], arch: str) -> dict[str, Any]:
     names = set(metadata[TENSOR_NAMES_KEY])
     num_experts = metadata[f"{arch}.expert_count"]
     num_used = _require(metadata, f"{arch}.expert_used_count")
-    # llama.cpp renormalizes the top-k weights for Mixtral only, unless the file says otherwise.
-    renormalize = bool(metadata.get(f"{arch}.expert_weights_norm", arch == "llama"))
-    if arch == "llama":
+    if arch == "llama":                         # Mixtral: renormalizes its top-k weights, always
         return {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
                 "num_local_experts": num_experts, "num_experts_per_tok": num_used}
-    config = {"num_experts": num_experts, "num_experts_per_tok": num_used, "norm_topk_prob": renormalize}
+    # llama.cpp does not renormalize qwen2moe's or olmoe's, unless the file says so.
+    config = {"num_experts": num_experts, "num_experts_per_tok": num_used,
+              "norm_topk_prob": bool(metadata.get(f"{arch}.expert_weights_norm", False))}
     if arch == "olmoe":
         clip = metadata.get("olmoe.attention.clamp_kqv")
         return config | {"attention_bias": "blk.0.attn_q.bias" in names,
