@@ -79,13 +79,14 @@ class GroupedExperts(nn.Module):
         if num_tokens == 0:
             return torch.zeros_like(x)
         sorted_ids, order = expert_ids.reshape(-1).sort(stable=True)      # assignments by expert
-        rows = x[order // top_k]                                           # (num_tokens * top_k, hidden)
+        rows = x.index_select(0, order // top_k)                           # (num_tokens * top_k, hidden)
         experts = torch.arange(self.num_experts, device=x.device, dtype=sorted_ids.dtype)
         ends = torch.searchsorted(sorted_ids, experts, right=True).to(torch.int32)  # (num_experts,)
         gate, up = self.matmul(rows, self.gate_up_proj, ends).chunk(2, dim=-1)
         out = self.matmul(self.act(gate) * up, self.down_proj, ends)     # (num_tokens * top_k, hidden)
-        by_slot = torch.empty_like(out).index_copy_(0, order, out)        # back to (token, slot) order
-        return (by_slot.view(num_tokens, top_k, -1) * weights[..., None]).sum(dim=1)
+        by_slot = out.index_select(0, order.argsort())                    # back to (token, slot) order
+        by_slot = by_slot.view(num_tokens, top_k, -1)                     # (num_tokens, top_k, hidden)
+        return torch.bmm(weights[:, None, :], by_slot).squeeze(1)        # router-weighted sum
 
     def forward_dense(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The reference: every expert on every token, each weighted by its router weight
