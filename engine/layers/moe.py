@@ -3,8 +3,9 @@ experts, held stacked and computed grouped by expert.
 
 A step's tokens each pick top_k experts. Rather than loop over tokens (or run every expert
 on every token), the (token, expert) assignments are sorted by expert, so each expert's rows
-are contiguous, and each projection is one grouped matmul: one GEMM per active expert over
-its rows, with no host sync and no Python loop (`torch.nn.functional.grouped_mm`):
+are contiguous, and each projection is one grouped matmul: one GEMM per expert over its rows,
+no Python loop (`torch.nn.functional.grouped_mm`: a loop of GEMMs in C++ on the CPU; on a GPU,
+for bf16, CUTLASS's grouped kernel, with no host sync, so decode steps can be graph-captured):
 
     assignments (token, slot):  (0,0)->e2 (0,1)->e0 (1,0)->e2 (1,1)->e1 (2,0)->e0 (2,1)->e2
     sorted by expert:           | e0: t0 t2 | e1: t1 | e2: t0 t1 t2 |      ends = [2, 3, 6]
