@@ -125,6 +125,15 @@ def test_logits_match_transformers_on_a_padded_batch(variant, layout, tmp_path):
     assert (our_logits(tmp_path) - reference_logits(model)).abs().max() < 1e-4
 
 
+def test_experts_spread_over_shards_are_stacked_whole(tmp_path):
+    model = tiny_hf_model("qwen2_moe_top1")
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    layer0 = {weight_map[n] for n in weight_map if n.startswith("model.layers.0.mlp.experts.")}
+    assert len(layer0) > 1                                  # one layer's experts in several files
+    assert (our_logits(tmp_path) - reference_logits(model)).abs().max() < 1e-4
+
+
 def test_config_fields_of_each_family():
     configs = {v: ModelConfig.from_hf(tiny_hf_model(v).config.to_dict()) for v in VARIANTS}
     mixtral, qwen, qwen1, olmoe, olmoe1 = (configs[v] for v in ("mixtral", "qwen2_moe", "qwen2_moe_top1",
