@@ -18,9 +18,10 @@ import torch
 from engine.config import EncoderConfig, UnsupportedModelError
 from engine.device import resolve_device, resolve_dtype
 from engine.errors import InvalidParameter, PromptTooLongError
-from engine.layers.attention import build_attn_metadata
+from engine.layers.attention import Attention, build_attn_metadata
 from engine.limits import EncoderLimits
 from engine.loader import build_model, load_tokenizer, open_checkpoint
+from engine.model_runner import select_backend
 from engine.models.bert import read_pooling_config
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,12 @@ class EncoderRunner:
         self.dtype = resolve_dtype(config.dtype, self.device, checkpoint.config.dtype)
         self.pooling = read_pooling_config(checkpoint.path)
         self.model = build_model(checkpoint, self.dtype, self.device)
+        # Our CPU op covers encoders (no cache, both ways); on CUDA the layers keep the reference.
+        if self.device.type == "cpu":
+            backend = select_backend(self.config, self.device)
+            for layer in self.model.modules():
+                if isinstance(layer, Attention):
+                    layer.backend = backend
         self.tokenizer = load_tokenizer(checkpoint)
         lengths = [self.config.max_position_embeddings, self.pooling.max_seq_length]
         self.max_length: int = min(n for n in lengths if n)
