@@ -12,16 +12,19 @@ same number of tokens, and the ratio is the mask's cost per token (llguidance's 
 step, their unpacking and the masked logits), not a difference in work. The kinds alternate
 level by level (plain C=1, json C=1, plain C=16, json C=16, then again with --repeats), so a
 machine that gets busier hurts both alike; each figure is the best of the repeats. Then, in
-process, the share of decode-step time the masks take (a figure a busy machine moves less).
+process, the CPU time of a decode step plain and constrained, and the masks' part of it (figures
+a busy machine does not move: the HTTP ones it does).
 Target: json >= 0.8x plain at 16 clients.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -86,48 +89,59 @@ async def drive(url: str, prompts: list[str], concurrencies: list[int], requests
     return results
 
 
-def mask_share(model: str, output_len: int, concurrencies: list[int]) -> dict[int, dict]:
-    """In process, on the same machine state for both: the share of engine step time spent on
-    the masks (llguidance filling them, the sampler applying them) with C constrained sequences
-    decoding together. 1 - share is the throughput ratio the masks alone allow; unlike the HTTP
-    figures, it does not move with what else the machine is doing."""
-    import time
-
+def in_process(model: str, output_len: int, concurrencies: list[int], threads: int, repeats: int) -> dict:
+    """The same C sequences decoding in process, plain and constrained in turn: CPU time per
+    decode step of each (every thread's, llguidance's pool too) and the part of the constrained
+    step spent on the masks (llguidance filling them, the sampler applying them). CPU time is
+    the work itself, which a machine shared with other jobs does not inflate; one thread by
+    default, because two threads on a busy 2-core machine wait on each other's preemption (decode
+    steps ran 4-15x slower than one thread's)."""
     from engine import LLMEngine, SamplingParams, guided, sampling
     from engine.config import EngineConfig
-    engine = LLMEngine(model, EngineConfig())
-    spent = {"masks": 0.0}
+    engine = LLMEngine(model, EngineConfig(num_threads=threads))
+    masks = {"cpu_s": 0.0}
 
     def timed(fn):
         def wrapper(*args, **kwargs):
-            start = time.perf_counter()
+            start = time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
-                spent["masks"] += time.perf_counter() - start
+                masks["cpu_s"] += time.process_time() - start
         return wrapper
     engine._token_masks = timed(engine._token_masks)
     sampling.apply_bitmask = timed(guided.apply_bitmask)
     spec = guided.GuidedDecoding("json", SCHEMA)
-    out = {}
+    out = {c: {kind: [] for kind in KINDS} for c in concurrencies}
     try:
-        for c in concurrencies:
+        for repeat, c, kind in itertools.product(range(repeats), concurrencies, KINDS):
             for i in range(c):
-                engine.add_request(f"{c}-{i}", f"Request {c}-{i}. List ten products as JSON.", SamplingParams(
-                    max_tokens=output_len, temperature=0, ignore_eos=True, guided_decoding=spec))
+                engine.add_request(f"{kind}-{repeat}-{c}-{i}", f"Request {kind}-{repeat}-{c}-{i}. List ten "
+                                   "products as JSON.", SamplingParams(max_tokens=output_len, temperature=0,
+                                   ignore_eos=True, guided_decoding=spec if kind == "json" else None))
             engine.step()                                   # the prefill: not a decode step
-            spent["masks"], steps, start = 0.0, 0, time.perf_counter()
+            masks["cpu_s"], steps, start = 0.0, 0, time.process_time()
             while engine.has_unfinished_requests():
                 engine.step()
                 steps += 1
-            total = time.perf_counter() - start
-            out[c] = {"steps": steps, "step_ms": total / steps * 1e3, "mask_ms": spent["masks"] / steps * 1e3,
-                      "mask_share": spent["masks"] / total}
-            print(f"  in process C={c:2d}: {out[c]['step_ms']:.1f} ms/step, masks {out[c]['mask_ms']:.2f} ms "
-                  f"({out[c]['mask_share']:.1%})", flush=True)
+            out[c][kind].append({"step_cpu_ms": (time.process_time() - start) / steps * 1e3,
+                                 "mask_cpu_ms": masks["cpu_s"] / steps * 1e3})
+            print(f"  in process, repeat {repeat + 1} C={c:2d} {kind:5s}: {out[c][kind][-1]['step_cpu_ms']:.1f} "
+                  f"CPU ms/step, masks {out[c][kind][-1]['mask_cpu_ms']:.2f}", flush=True)
     finally:
         sampling.apply_bitmask = guided.apply_bitmask
     return out
+
+
+def in_process_report(steps: dict, threads: int) -> str:
+    lines = [f"In process ({threads} thread(s), CPU ms per decode step, the best of the repeats):", "",
+             "| C | plain | json | of it masks | plain / json |", "|---:|---:|---:|---:|---:|"]
+    for c, kinds in steps.items():
+        plain = min(r["step_cpu_ms"] for r in kinds["plain"])
+        constrained = min(kinds["json"], key=lambda r: r["step_cpu_ms"])
+        lines.append(f"| {c} | {plain:.1f} | {constrained['step_cpu_ms']:.1f} | {constrained['mask_cpu_ms']:.2f} | "
+                     f"{plain / constrained['step_cpu_ms']:.2f}x |")
+    return "\n".join(lines)
 
 
 def best(runs: list[dict]) -> dict:
@@ -154,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", default="4,32", help="requests per level, one per concurrency")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the in-process part")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -169,15 +184,12 @@ def main(argv: list[str] | None = None) -> None:
                    "--embedding-model", "none", "--log-level", "warning", *shlex.split(args.server_args)]
         with serve(command, port, "/ready") as url:
             results = asyncio.run(drive(url, prompts, concurrencies, requests_at, args.output_len, args.repeats))
-    share = mask_share(args.model, args.output_len, concurrencies)
-    table = report(results, concurrencies)
-    table += "\n\nIn process (decode steps, C constrained sequences together):\n\n" + "\n".join(
-        f"- C={c}: {s['step_ms']:.1f} ms per step, {s['mask_ms']:.2f} ms of it masks ({s['mask_share']:.1%}): "
-        f"{1 - s['mask_share']:.2f}x" for c, s in share.items())
+    steps = in_process(args.model, args.output_len, concurrencies, args.threads, args.repeats)
+    table = report(results, concurrencies) + "\n\n" + in_process_report(steps, args.threads)
     print(table)
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "command": " ".join(sys.argv), "model": args.model,
-                                         "output_len": args.output_len, "results": results, "in_process": share,
+                                         "output_len": args.output_len, "results": results, "in_process": steps,
                                          "table": table}, indent=1))
 
 
