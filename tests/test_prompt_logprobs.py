@@ -144,7 +144,8 @@ def test_tgi_decoder_input_details_fill_the_prefill(server):
 
 def test_lm_eval_loglikelihood_task_runs_to_completion(server, tiny_llama, tmp_path):
     """lm-evaluation-harness's local-completions model, a multiple-choice task on three documents
-    written here (20-35 s on the 2-core test machine, most of it importing lm_eval and datasets)."""
+    written here: 12-35 s on the 2-core test machine shared with other jobs (importing lm_eval and
+    datasets alone ~6 s). A fast test, not a slow one: lm-eval is in the test extra."""
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
     docs = [{"question": "The cat sat on the", "choices": [" mat", " log", " moon"], "answer": 0},
