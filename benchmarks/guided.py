@@ -95,7 +95,7 @@ def in_process(model: str, output_len: int, concurrencies: list[int], threads: i
     step spent on the masks (llguidance filling them, the sampler applying them). CPU time is
     the work itself, which a machine shared with other jobs does not inflate; one thread by
     default, because two threads on a busy 2-core machine wait on each other's preemption (decode
-    steps ran 4-15x slower than one thread's)."""
+    steps ran 4-8x slower than one thread's in a probe)."""
     from engine import LLMEngine, SamplingParams, guided, sampling
     from engine.config import EngineConfig
     engine = LLMEngine(model, EngineConfig(num_threads=threads))
