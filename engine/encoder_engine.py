@@ -7,8 +7,8 @@
 
 A request's inputs are queued one by one, so a large request fills several batches and small
 requests from many clients share one. Batches are packed: no padding outside attention.
-The model side (validation, batches, heads) lives in engine/encoder_runner.py; refusals
-are engine/errors.py's, as for generation.
+The model side (validation, batches, heads) lives in engine/encoder_runner.py, what each task
+asks and answers in engine/encoder_tasks.py; refusals are engine/errors.py's, as for generation.
 """
 from __future__ import annotations
 
@@ -22,12 +22,17 @@ from typing import Callable, Sequence
 
 from engine.config import EncoderConfig
 from engine.device import use_cpu_threads
-from engine.encoder_runner import ClassifyOptions, EncoderOutput, EncoderRunner, Inputs, Item, Job, Truncate, run_batch
+from engine.encoder_runner import EncoderOutput, EncoderRunner, Inputs, Item, Job, Truncate, run_batch
+from engine.encoder_tasks import (ClassifyOptions, SparseVector, classify_job, embed_job, fill_mask_job, rerank_job,
+                                  similarity_job, sparse_job)
 from engine.errors import EngineStoppedError, QueueFullError
 from engine.limits import EncoderStats
 
-__all__ = ["ClassifyOptions", "Encoder", "EncoderConfig", "EncoderEngine", "EncoderOutput", "length_buckets",
+__all__ = ["ClassifyOptions", "Encoder", "EncoderConfig", "EncoderEngine", "EncoderOutput", "SparseVector",
            "take_batch"]
+# task -> its job builder (engine/encoder_tasks.py): (runner, *args, **options) -> (Job, Items)
+JOBS = {"embed": embed_job, "classify": classify_job, "rerank": rerank_job, "similarity": similarity_job,
+        "embed_sparse": sparse_job, "fill_mask": fill_mask_job}
 logger = logging.getLogger(__name__)
 
 
@@ -49,18 +54,6 @@ def take_batch(queue: deque[Item], max_tokens: int, max_size: int) -> list[Item]
     return batch
 
 
-def length_buckets(batch: list[Item], max_ratio: float = 2.0) -> list[list[Item]]:
-    """The batch sorted by length and cut where an input is over max_ratio times the
-    shortest of its bucket: attention pads every input to its bucket's longest, so mixing
-    8-token and 120-token inputs would waste most of its work."""
-    buckets: list[list[Item]] = []
-    for item in sorted(batch, key=lambda item: len(item.token_ids)):
-        if not buckets or len(item.token_ids) > max_ratio * len(buckets[-1][0].token_ids):
-            buckets.append([])
-        buckets[-1].append(item)
-    return buckets
-
-
 class EncoderEngine:
     """Dynamic batching on a worker thread that owns the model; thread-safe submits.
 
@@ -70,10 +63,10 @@ class EncoderEngine:
     bounds queued *inputs*. A request waits at most `batch_wait_ms` for others to join its batch.
     """
 
-    def __init__(self, model: str, config: EncoderConfig | None = None, *,
+    def __init__(self, model: str, config: EncoderConfig | None = None, *, name: str | None = None,
                  on_batch: Callable[[int, int], None] | None = None, **options):
         self.config = config = _config(config, options)
-        self.runner = EncoderRunner(model, config, config.max_inputs_per_request)
+        self.runner = EncoderRunner(model, config, config.max_inputs_per_request, name=name)
         self.limits = self.runner.limits
         self.max_batch_tokens, self.max_batch_size = config.max_batch_tokens, config.max_batch_size
         self.batch_wait_s, self.max_queue, self.on_batch = config.batch_wait_ms / 1000, config.max_queue, on_batch
@@ -105,6 +98,20 @@ class EncoderEngine:
         for item in left:
             item.job.fail(EngineStoppedError("the encoder engine stopped"))
 
+    def warm_up(self) -> None:
+        """One real forward through the model's own head, so the first client does not pay
+        for lazy initialization."""
+        tasks = self.limits.tasks
+        if "embed" in tasks or not tasks:
+            future = self.submit("embed", ["warm up"])
+        elif "rerank" in tasks:
+            future = self.submit("rerank", "warm", ["up"])
+        elif "embed_sparse" in tasks:
+            future = self.submit("embed_sparse", ["warm up"])
+        else:
+            future = self.submit("classify", ["warm up"])
+        future.result()
+
     @property
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -116,24 +123,32 @@ class EncoderEngine:
 
     # --- submitting ---
 
-    def submit_embed(self, inputs: Inputs, normalize: bool = True,
-                     truncate: Truncate = False) -> Future[EncoderOutput]:
-        """Validates now (raises InvalidParameter); the Future gives EncoderOutput(embeddings)."""
-        return self._submit(*self.runner.embed_job(inputs, normalize, truncate))
+    def submit(self, task: str, *args, **options) -> Future[EncoderOutput]:
+        """Validates now (raises InvalidParameter / PromptTooLongError); the Future gives the
+        task's EncoderOutput. Tasks and their arguments: JOBS (engine/encoder_tasks.py)."""
+        return self._submit(*JOBS[task](self.runner, *args, **options))
+
+    async def run(self, task: str, *args, **options) -> EncoderOutput:
+        return await asyncio.wrap_future(self.submit(task, *args, **options))
+
+    def submit_embed(self, inputs: Inputs, normalize: bool = True, truncate: Truncate = False,
+                     **options) -> Future[EncoderOutput]:
+        """The Future gives EncoderOutput(embeddings: a (n, dim) float32 array)."""
+        return self.submit("embed", inputs, normalize, truncate, **options)
 
     def submit_classify(self, inputs: Inputs, candidate_labels: Sequence[str] | None = None,
                         truncate: Truncate = False,
                         options: ClassifyOptions = ClassifyOptions()) -> Future[EncoderOutput]:
         """The model's own head, or zero-shot over candidate_labels when given."""
-        return self._submit(*self.runner.classify_job(inputs, candidate_labels, truncate, options))
+        return self.submit("classify", inputs, candidate_labels, truncate, options)
 
     async def embed(self, inputs: Inputs, normalize: bool = True,
                     truncate: Truncate = False) -> EncoderOutput:
-        return await asyncio.wrap_future(self.submit_embed(inputs, normalize, truncate))
+        return await self.run("embed", inputs, normalize, truncate)
 
     async def classify(self, inputs: Inputs, candidate_labels: Sequence[str] | None = None,
                        truncate: Truncate = False, options: ClassifyOptions = ClassifyOptions()) -> EncoderOutput:
-        return await asyncio.wrap_future(self.submit_classify(inputs, candidate_labels, truncate, options))
+        return await self.run("classify", inputs, candidate_labels, truncate, options)
 
     def _submit(self, job: Job, items: list[Item]) -> Future[EncoderOutput]:
         # Longest first inside a request, so its batches hold inputs of similar length.
@@ -153,13 +168,12 @@ class EncoderEngine:
     def _loop(self) -> None:
         use_cpu_threads(self.config.num_threads)
         while (batch := self._next_batch()) is not None:
-            for bucket in length_buckets(batch):
-                try:
-                    run_batch(self.runner, bucket, self.on_batch)
-                except Exception as exc:  # our bug: answer this batch, keep serving the rest
-                    logger.exception("encoder worker failed on a batch")
-                    for item in bucket:
-                        item.job.fail(exc)
+            try:
+                run_batch(self.runner, batch, self.on_batch)
+            except Exception as exc:      # our bug: answer this batch, keep serving the rest
+                logger.exception("encoder worker failed on a batch")
+                for item in batch:
+                    item.job.fail(exc)
             self.last_progress = time.monotonic()
 
     def _next_batch(self) -> list[Item] | None:
@@ -189,8 +203,8 @@ class EncoderEngine:
 
 
 class Encoder:
-    """Offline embeddings and classification (no thread): `Encoder("all-minilm-l6-v2")`,
-    with EncoderConfig's fields as options, like `LLM`.
+    """Offline encoder tasks (no thread): `Encoder("all-minilm-l6-v2")`, with EncoderConfig's
+    fields as options, like `LLM`.
 
     Runs the same packed batches as EncoderEngine, sorted by length over the whole call."""
 
@@ -208,17 +222,40 @@ class Encoder:
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.runner.tokenizer.encode(text, add_special_tokens)
 
-    def embed(self, inputs: Inputs, normalize: bool = True, truncate: Truncate = False) -> list[list[float]]:
-        """Strings or token-id lists -> one vector each, L2-normalized unless normalize=False."""
-        return self._execute(*self.runner.embed_job(inputs, normalize, truncate))
+    def embed(self, inputs: Inputs, normalize: bool = True, truncate: Truncate = False, *,
+              dimensions: int | None = None, prompt_name: str | None = None) -> list[list[float]]:
+        """Strings or token-id lists -> one vector each, L2-normalized unless normalize=False;
+        `dimensions` keeps the first ones (Matryoshka), `prompt_name` one of the model's prompts."""
+        return self._execute("embed", inputs, normalize, truncate, dimensions=dimensions,
+                             prompt_name=prompt_name).tolist()
 
     def classify(self, inputs: Inputs, candidate_labels: Sequence[str] | None = None,
                  truncate: Truncate = False, options: ClassifyOptions = ClassifyOptions()) -> list[list[dict]]:
         """[[{label, score}, ...] sorted by score] per input: the model's own head, or
         zero-shot by cosine similarity to each of candidate_labels."""
-        return self._execute(*self.runner.classify_job(inputs, candidate_labels, truncate, options))
+        return self._execute("classify", inputs, candidate_labels, truncate, options)
 
-    def _execute(self, job: Job, items: list[Item]) -> list:
+    def rerank(self, query: str, texts: Sequence[str], truncate: Truncate = False,
+               raw_scores: bool = False) -> list[float]:
+        """A relevance score per text, in order: a cross-encoder's sigmoid(logit) (raw_scores:
+        the logit), or a bi-encoder's cosine."""
+        return self._execute("rerank", query, texts, truncate, raw_scores)
+
+    def similarity(self, source: str, sentences: Sequence[str], truncate: Truncate = False) -> list[float]:
+        """The cosine of each sentence with the source sentence."""
+        return self._execute("similarity", source, sentences, truncate)
+
+    def embed_sparse(self, inputs: Inputs, truncate: Truncate = False) -> list[SparseVector]:
+        """SPLADE: the non-zero vocabulary weights of each input (a masked-LM checkpoint)."""
+        return self._execute("embed_sparse", inputs, truncate)
+
+    def fill_mask(self, inputs: str | Sequence[str], top_k: int = 5,
+                  targets: Sequence[str] | None = None) -> list[list[list[dict]]]:
+        """Per input, per [MASK]: [{token, token_str, score, sequence}] best first."""
+        return self._execute("fill_mask", inputs, top_k, targets)
+
+    def _execute(self, task: str, *args, **options):
+        job, items = JOBS[task](self.runner, *args, **options)
         queue = deque(sorted(items, key=lambda item: -len(item.token_ids)))
         while queue:
             run_batch(self.runner, take_batch(queue, self.max_batch_tokens, self.max_batch_size))

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from engine.encoder_engine import Encoder, EncoderEngine, length_buckets
+from engine.encoder_engine import Encoder, EncoderEngine
 from engine.errors import EngineStoppedError, InvalidParameter, PromptTooLongError, QueueFullError
 from engine.loader import resolve_model_path
 
@@ -291,10 +291,3 @@ def test_minilm_matches_sentence_transformers(encoder):
     ours = torch.tensor(encoder.embed(CORPUS, truncate=True))
     assert (ours * expected).sum(-1).min() > 0.99999
 
-
-def test_length_buckets_keep_short_inputs_out_of_long_inputs_padding():
-    from engine.encoder_runner import Item
-    items = [Item([1] * n, "embedding", True, None, i) for i, n in enumerate([120, 8, 9, 60, 16, 17, 250])]
-    buckets = length_buckets(items)
-    assert [[len(i.token_ids) for i in b] for b in buckets] == [[8, 9, 16], [17], [60, 120], [250]]
-    assert sorted(i.index for b in buckets for i in b) == list(range(7))

@@ -1,0 +1,57 @@
+"""Encoder attention without padding: one SDPA call per sequence of a packed batch.
+
+An encoder batch holds whole sequences laid end to end, each attending to itself alone,
+bidirectionally, with no KV cache:
+
+    rows:   | seq 0: 9 tokens | seq 1: 152 tokens ............ | seq 2: 12 tokens |
+    spans:  (0, 9)            (9, 161)                         (161, 173)
+
+The reference (TorchAttention over build_attn_metadata's padded group) pads every sequence to
+the longest: a batch mixing one-line and paragraph inputs spent most of its attention on
+padding, and sorting inputs into length buckets to avoid that split batches into small
+forwards. On a CPU, a call per sequence costs tens of microseconds and wastes nothing. The
+encoder runner picks this backend once, on a CPU; GPUs keep the padded reference (one
+kernel per layer beats one per sequence there).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceSpans:
+    """Attention metadata of a packed encoder batch: the rows [start, end) of each sequence."""
+    spans: tuple[tuple[int, int], ...]
+    slot_mapping: None = None          # no KV cache
+
+    @classmethod
+    def of(cls, seq_lens: Sequence[int]) -> "SequenceSpans":
+        ends = list(accumulate(seq_lens))
+        return cls(tuple(zip([0, *ends[:-1]], ends)))
+
+
+class PerSequenceAttention:
+    """Bidirectional attention of each sequence over itself; no padding, no cache."""
+
+    block_axis = 1
+    supports_cuda_graphs = False
+
+    def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
+        raise NotImplementedError("an encoder keeps no KV cache")
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: SequenceSpans, scale: float) -> torch.Tensor:
+        # q: (num_tokens, num_heads, head_dim); k, v: (num_tokens, num_kv_heads, head_dim)
+        out = torch.empty_like(q)
+        per_kv = q.shape[1] // k.shape[1]
+        for start, end in meta.spans:
+            keys, values = k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)   # (kv_heads, len, dim)
+            if per_kv > 1:
+                keys, values = keys.repeat_interleave(per_kv, 0), values.repeat_interleave(per_kv, 0)
+            out[start:end] = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1), keys, values, scale=scale).transpose(0, 1)
+        return out
