@@ -94,7 +94,7 @@ def _is_text(inputs: Inputs) -> bool:
 
 # --- classify ---
 
-def classify_job(runner: EncoderRunner, inputs: Inputs, candidate_labels: Sequence[str] | None,
+def classify_job(runner: EncoderRunner, inputs: Inputs, candidate_labels: Sequence[str] | None = None,
                  truncate: Truncate = False, options: ClassifyOptions = ClassifyOptions(),
                  direction: str = "right") -> tuple[Job, list[Item]]:
     require(runner, "classify")
@@ -115,7 +115,8 @@ def classify_job(runner: EncoderRunner, inputs: Inputs, candidate_labels: Sequen
 def _zero_shot_job(runner: EncoderRunner, ids: list[list[int]], labels: list[str],
                    options: ClassifyOptions) -> tuple[Job, list[Item]]:
     """Inputs and labels embedded in the same batches; scored by cosine when all are in."""
-    require(runner, "embed")                  # dense vectors to compare
+    if runner.is_sparse:                      # dense vectors to compare (a classifier's pooled states will do)
+        require(runner, "embed")
     template = options.hypothesis_template or "{}"
     if template.count("{}") != 1:
         raise InvalidParameter("hypothesis_template", "hypothesis_template must hold one {} "
