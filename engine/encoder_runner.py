@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -41,20 +42,24 @@ class EncoderOutput:
 class Job:
     """One request: its inputs' rows gather here; `future` resolves when the last is in.
 
-    Only the thread that runs batches calls `set_row` / `fail`."""
+    Only threads that run batches call `set_row` / `fail`; a request's inputs may be in batches
+    that two workers run at once, so the count is kept under a lock."""
 
     def __init__(self, num_rows: int, finish: Callable[[list], Any], num_tokens: int):
         self.future: Future = Future()
         self._rows: list = [None] * num_rows
         self._remaining = num_rows
         self._finish, self._num_tokens = finish, num_tokens
+        self._lock = threading.Lock()
 
     def set_row(self, index: int, row: Any) -> None:
         if self.future.done():            # failed or cancelled already
             return
-        self._rows[index] = row
-        self._remaining -= 1
-        if self._remaining == 0:
+        with self._lock:
+            self._rows[index] = row
+            self._remaining -= 1
+            last = self._remaining == 0
+        if last:
             self._resolve()
 
     def _resolve(self) -> None:

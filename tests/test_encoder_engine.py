@@ -152,7 +152,7 @@ def test_bad_inputs(encoder, inputs, message):
 
 
 def test_engine_limits(make_engine):
-    engine = make_engine(max_inputs_per_request=4, max_queue=8)
+    engine = make_engine(max_inputs_per_request=4, max_queue=8, num_workers=1)     # one worker: held below
     with pytest.raises(InvalidParameter, match="5 inputs in one request; the limit is 4"):
         engine.submit_embed(["x"] * 5)
     release = threading.Event()
@@ -173,7 +173,7 @@ def test_engine_limits(make_engine):
 
 
 def test_cancelled_requests_are_not_run(make_engine):
-    engine, release, seen = make_engine(), threading.Event(), []
+    engine, release, seen = make_engine(num_workers=1), threading.Event(), []
     run = engine.runner.run
 
     def held(items):
@@ -291,3 +291,19 @@ def test_minilm_matches_sentence_transformers(encoder):
     ours = torch.tensor(encoder.embed(CORPUS, truncate=True))
     assert (ours * expected).sum(-1).min() > 0.99999
 
+
+
+def test_workers_share_the_cores_on_a_cpu(make_engine, monkeypatch):
+    from engine.config import EncoderConfig
+    from engine.encoder_engine import worker_plan
+    monkeypatch.setattr("engine.encoder_engine.default_num_threads", lambda: 2)
+    assert worker_plan(EncoderConfig(), "cpu") == (2, 1)            # a 2-core machine: two single-thread workers
+    monkeypatch.setattr("engine.encoder_engine.default_num_threads", lambda: 16)
+    assert worker_plan(EncoderConfig(), "cpu") == (4, 4)
+    assert worker_plan(EncoderConfig(num_workers=1), "cpu") == (1, 16)
+    assert worker_plan(EncoderConfig(num_workers=2, num_threads=3), "cpu") == (2, 3)
+    assert worker_plan(EncoderConfig(), "cuda") == (1, None)
+    engine = make_engine(num_workers=3)
+    assert engine.is_alive and len({t.name for t in engine._threads}) == 3
+    engine.stop()
+    assert not engine.is_alive

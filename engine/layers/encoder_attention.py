@@ -12,6 +12,10 @@ padding, and sorting inputs into length buckets to avoid that split batches into
 forwards. On a CPU, a call per sequence costs tens of microseconds and wastes nothing. The
 encoder runner picks this backend once, on a CPU; GPUs keep the padded reference (one
 kernel per layer beats one per sequence there).
+
+Each sequence is two matmuls around a softmax, not SDPA: for MiniLM's 32-wide heads and
+sequences of 10-160 tokens, PyTorch's CPU SDPA kernel took 0.39 ms per sentence and layer on
+the embed benchmark's sentences, the plain matmuls 0.25 (one thread).
 """
 from __future__ import annotations
 
@@ -20,7 +24,6 @@ from itertools import accumulate
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,7 @@ class PerSequenceAttention:
             keys, values = k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)   # (kv_heads, len, dim)
             if per_kv > 1:
                 keys, values = keys.repeat_interleave(per_kv, 0), values.repeat_interleave(per_kv, 0)
-            out[start:end] = F.scaled_dot_product_attention(
-                q[start:end].transpose(0, 1), keys, values, scale=scale).transpose(0, 1)
+            scores = torch.bmm(q[start:end].transpose(0, 1), keys.transpose(1, 2)).mul_(scale)  # (heads, len, len)
+            weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+            out[start:end] = torch.bmm(weights, values).transpose(0, 1)
         return out
