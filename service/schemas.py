@@ -564,8 +564,8 @@ def _prompt_field():
 
 
 class EmbedRequest(Strict):
-    inputs: EmbedInputs
-    normalize: bool = True
+    inputs: EmbedInputs = Field(description="a text, token ids, or a list of up to 2,048 of either")
+    normalize: bool = Field(True, description="L2-normalize each vector")
     truncate: bool | None = _truncate_field()
     truncation_direction: TruncationDirection = _direction_field()
     prompt_name: Annotated[str, Field(min_length=1, max_length=256)] | None = _prompt_field()
@@ -623,8 +623,8 @@ class LabelScore(BaseModel):
 
 class RerankRequest(Strict):
     """TEI's /rerank."""
-    query: NonEmptyText
-    texts: Texts
+    query: NonEmptyText = Field(description="read first in each (query, text) pair")
+    texts: Texts = Field(description="up to 2,048 texts to score against the query")
     raw_scores: bool = Field(False, description="a cross-encoder's logits, not their sigmoid")
     return_text: bool = Field(False, description="each answer also holds its text")
     truncate: bool | None = Field(None, description="cut a (query, text) pair longer than the model allows, "
@@ -647,7 +647,7 @@ class RerankDocument(Strict):
 class CohereRerankRequest(Strict):
     """Cohere's rerank (v1 and v2) and Jina's, as vLLM, LiteLLM, LangChain and LlamaIndex send it."""
     model: str | None = _model_field("reranker")
-    query: NonEmptyText
+    query: NonEmptyText = Field(description="never cut: 400 when it leaves a document no room")
     documents: Annotated[list[NonEmptyText | RerankDocument], Field(min_length=1, max_length=MAX_EMBED_INPUTS)] \
         = Field(description="texts, or {text} objects")
     top_n: int_in(1) | None = Field(None, description="answer the best N; null: all")
@@ -695,8 +695,8 @@ class RerankResponse(BaseModel):
 
 
 class SimilarityInputs(Strict):
-    source_sentence: NonEmptyText
-    sentences: Texts
+    source_sentence: NonEmptyText = Field(description="what each sentence is compared with")
+    sentences: Texts = Field(description="up to 2,048 sentences")
 
 
 class SimilarityParameters(Strict):
@@ -707,17 +707,17 @@ class SimilarityParameters(Strict):
 
 
 class SimilarityRequest(Strict):
-    inputs: SimilarityInputs
+    inputs: SimilarityInputs = Field(description="the Hugging Face Inference API's sentence-similarity input")
     truncate: bool | None = _truncate_field()
     truncation_direction: TruncationDirection = _direction_field()
     prompt_name: Annotated[str, Field(min_length=1, max_length=256)] | None = _prompt_field()
-    parameters: SimilarityParameters | None = None
+    parameters: SimilarityParameters | None = Field(None, description="huggingface_hub's place for the same "
+                                                    "options; what is set here wins")
     model: str | None = _model_field("embedding")
 
 
 class SparseEmbedRequest(Strict):
-    inputs: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_EMBED_INPUTS)] \
-        | PromptIds | Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+    inputs: EmbedInputs = Field(description="a text, token ids, or a list of up to 2,048 of either")
     truncate: bool | None = _truncate_field()
     truncation_direction: TruncationDirection = _direction_field()
     prompt_name: None = Field(None, description="not supported: null")
@@ -740,7 +740,8 @@ class FillMaskParameters(Strict):
 class FillMaskRequest(FillMaskParameters):
     inputs: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_FILL_MASK_INPUTS)] \
         = Field(description="text holding the model's mask token ([MASK] for BERT), or a list of such")
-    parameters: FillMaskParameters | None = None
+    parameters: FillMaskParameters | None = Field(None, description="huggingface_hub's place for top_k and "
+                                                  "targets (give each once)")
     truncate: bool | None = _truncate_field()
     model: str | None = _model_field("masked-LM")
 
@@ -764,12 +765,12 @@ class FillMaskProposal(BaseModel):
 
 
 class EmbeddingRequest(Strict):
-    input: EmbedInputs
-    model: str | None = Field(None, description="the served embedding model id; null: it")
-    encoding_format: Literal["float", "base64"] = "float"
+    input: EmbedInputs = Field(description="a text, token ids, or a list of up to 2,048 of either")
+    model: str | None = _model_field("embedding")
+    encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32")
     dimensions: int_in(1) | None = Field(None, description="keep the first N dimensions (Matryoshka), then "
                                          "L2-normalize; null: all of them")
-    user: str | None = None
+    user: str | None = Field(None, description="accepted, unused")
     truncate_prompt_tokens: Annotated[int, Field(ge=-1), BeforeValidator(_integral)] | None = Field(
         None, description="cut each input to at most N tokens (-1: the model's maximum), as vLLM; "
         "null: the server's --auto-truncate")
