@@ -1,10 +1,15 @@
-"""Perplexity of a generation model on the bundled text: fp32, bf16, and int8 weights.
+"""Perplexity of a generation model on the bundled text under every quantization mode.
 
     python -m benchmarks.perplexity [--model smollm2-135m-instruct] [--window 256]
+                                    [--modes none,auto,int8,int4]
 
 The bundled text is loadtests/prompts.txt, read as one document; it is scored in windows of
---window tokens (each window's first token is context only). `--quantization int8` must stay
-within 2% of fp32's perplexity (README, BENCHMARKS.md); tests/test_quantization.py runs this.
+--window tokens (each window's first token is context only). Each mode is built the way the
+engine builds it (engine/quantization.py) with float32 activations; "none" is the reference the
+others are compared with. The default mode must stay within 1% of it (either way) and int8 /
+int4 within 2% (tests/test_quantized_linear.py, tests/test_quantization.py run this). For a
+GGUF, llama.cpp's own score on the same file, ids and windows is printed beside them when
+llama-cpp-python is installed (`pip install -e '.[bench]'`).
 """
 from __future__ import annotations
 
@@ -18,9 +23,9 @@ import torch.nn.functional as F
 from benchmarks.common import machine, prompt_texts
 from engine.layers.attention import build_attn_metadata
 from engine.loader import build_model, load_tokenizer, open_checkpoint
-from engine.quantization import quantize_int8
+from engine.quantization import plan_quantization, quantize_model, summarize
 
-MAX_INCREASE = 0.02
+MAX_INCREASE = {"auto": 0.01, "int8": 0.02, "int4": 0.02}
 
 
 @torch.inference_mode()
@@ -39,31 +44,70 @@ def perplexity(model, token_ids: list[int], window: int) -> float:
     return math.exp(nll / count)
 
 
-def compare(model_name: str, window: int) -> dict:
-    """fp32 and int8 perplexity of one model on the bundled text."""
+def build(checkpoint, mode: str):
+    """The model the engine runs for `mode`, and its quantization summary."""
+    cpu = torch.device("cpu")
+    plan = plan_quantization(mode, checkpoint, cpu)
+    model = quantize_model(build_model(checkpoint, torch.float32, cpu, plan.gguf_kernels), plan)
+    return model, summarize(model, plan)
+
+
+def llamacpp_perplexity(path: str, token_ids: list[int], window: int) -> float:
+    """The same score from llama.cpp (llama-cpp-python) on the same file, ids and windows."""
+    import numpy as np
+    from llama_cpp import Llama
+    llm = Llama(model_path=path, n_ctx=window, logits_all=True, verbose=False)
+    nll, count = 0.0, 0
+    for start in range(0, len(token_ids) - 1, window):
+        ids = token_ids[start: start + window]
+        if len(ids) < 2:
+            break
+        llm.reset()
+        llm.eval(ids)
+        logits = torch.from_numpy(np.asarray(llm.scores[: len(ids) - 1], dtype=np.float32))
+        nll += F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
+        count += len(ids) - 1
+    return math.exp(nll / count)
+
+
+def compare(model_name: str, window: int, modes=("none", "auto", "int8", "int4"), llamacpp: bool = False) -> dict:
+    """{mode: {perplexity, increase over "none", summary}} on the bundled text."""
     checkpoint = open_checkpoint(model_name)
     token_ids = load_tokenizer(checkpoint).encode("\n\n".join(prompt_texts()), add_special_tokens=False)
-    cpu = torch.device("cpu")
-    fp32 = perplexity(build_model(checkpoint, torch.float32, cpu), token_ids, window)
-    bf16 = perplexity(build_model(checkpoint, torch.bfloat16, cpu), token_ids, window)
-    int8_model = quantize_int8(build_model(checkpoint, torch.bfloat16, cpu), cpu, torch.bfloat16)
-    int8 = perplexity(int8_model, token_ids, window)
-    return {"model": model_name, "tokens": len(token_ids), "window": window, "fp32": fp32, "bf16": bf16,
-            "int8": int8, "increase": int8 / fp32 - 1}
+    results = {}
+    for mode in ("none", *[m for m in modes if m != "none"]):
+        model, summary = build(checkpoint, mode)
+        results[mode] = {"perplexity": perplexity(model, token_ids, window), "summary": str(summary)}
+        del model
+    if llamacpp and checkpoint.is_gguf and _has_llamacpp():
+        results["llama.cpp"] = {"perplexity": llamacpp_perplexity(str(checkpoint.path), token_ids, window),
+                                "summary": "llama.cpp (llama-cpp-python) on the same GGUF file"}
+    for result in results.values():
+        result["increase"] = result["perplexity"] / results["none"]["perplexity"] - 1
+    return {"model": model_name, "tokens": len(token_ids), "window": window, "modes": results}
+
+
+def _has_llamacpp() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--modes", default="none,auto,int8,int4")
     args = parser.parse_args(argv)
-    result = compare(args.model, args.window)
+    result = compare(args.model, args.window, tuple(args.modes.split(",")), llamacpp=True)
     print(f"machine: {machine()}")
     print(f"{result['model']}: {result['tokens']} tokens in windows of {result['window']}")
-    print(f"perplexity fp32 {result['fp32']:.3f}, bf16 {result['bf16']:.3f} "
-          f"({result['bf16'] / result['fp32'] - 1:+.2%}), int8 {result['int8']:.3f} "
-          f"({result['increase']:+.2%}; limit +{MAX_INCREASE:.0%})")
-    return 0 if result["increase"] <= MAX_INCREASE else 1
+    failed = False
+    for mode, r in result["modes"].items():
+        limit = MAX_INCREASE.get(mode)
+        failed |= limit is not None and abs(r["increase"]) > limit
+        bound = f" (limit ±{limit:.0%})" if limit is not None else ""
+        print(f"  {mode:9} perplexity {r['perplexity']:8.4f}  {r['increase']:+7.2%}{bound}  {r['summary']}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ FAMILIES = {
     "mistral": "llama",
     "qwen2": "llama",
     "bert": "bert",
+    "mixtral": "moe",
+    "qwen2_moe": "moe",
+    "olmoe": "moe",
 }
 
 
@@ -70,6 +73,15 @@ class ModelConfig:
     id2label: tuple[str, ...] = ()       # BERT classification head labels, by index
     problem_type: str | None = None      # "multi_label_classification" -> sigmoid scores
     dtype: str | None = None             # the checkpoint's own dtype ("bfloat16", ...)
+    # Sparse Mixture-of-Experts (the "moe" family); num_experts 0 is a dense model.
+    num_experts: int = 0                 # routed experts per MoE layer
+    num_experts_per_tok: int = 0         # top-k: experts each token is routed to
+    moe_intermediate_size: int = 0       # each routed expert's hidden width
+    norm_topk_prob: bool = False         # renormalize the top-k router weights to sum to 1
+    shared_expert_intermediate_size: int = 0   # Qwen2-MoE: an expert every token runs (0: none)
+    dense_layers: tuple[int, ...] = ()   # Qwen2-MoE: layers with a plain MLP instead of experts
+    qk_norm: bool = False                # OLMoE: RMSNorm over the whole q and k projections
+    clip_qkv: float | None = None        # OLMoE: q, k, v clamped to [-clip_qkv, clip_qkv]
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -81,6 +93,8 @@ class ModelConfig:
                              f"num_kv_heads {self.num_kv_heads}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be > 0, got {self.sliding_window}")
+        if self.num_experts:
+            _check_experts(self)
 
     @property
     def family(self) -> str:
@@ -100,14 +114,17 @@ class ModelConfig:
                 f"model_type {model_type!r} ({archs}) is not supported; supported model types: "
                 f"{', '.join(sorted(FAMILIES))}")
         architecture = (hf.get("architectures") or [_default_architecture(model_type)])[0]
-        builder = {"gpt2": _gpt2_fields, "bert": _bert_fields}.get(FAMILIES[model_type], _llama_fields)
+        builder = {"gpt2": _gpt2_fields, "bert": _bert_fields, "moe": _moe_fields}.get(
+            FAMILIES[model_type], _llama_fields)
         return cls(model_type=model_type, architecture=architecture, **builder(hf),
                    **_token_fields(hf), dtype=hf.get("torch_dtype") or hf.get("dtype"))
 
 
 def _default_architecture(model_type: str) -> str:
     return {"gpt2": "GPT2LMHeadModel", "bert": "BertModel", "llama": "LlamaForCausalLM",
-            "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
+            "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+            "olmoe": "OlmoeForCausalLM"}[model_type]
 
 
 def _token_fields(hf: dict[str, Any]) -> dict[str, Any]:
@@ -161,12 +178,44 @@ def _rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
 
 def _sliding_window(hf: dict[str, Any]) -> int | None:
     window = hf.get("sliding_window")
-    if hf["model_type"] == "mistral":
+    if hf["model_type"] in ("mistral", "mixtral"):
         return window
-    if hf["model_type"] == "qwen2" and hf.get("use_sliding_window") and window:
+    if hf["model_type"] in ("qwen2", "qwen2_moe") and hf.get("use_sliding_window") and window:
         # Qwen2 slides only on some layers; one window per model is all we implement.
-        raise UnsupportedModelError("qwen2 with use_sliding_window=true is not supported")
+        raise UnsupportedModelError(f"{hf['model_type']} with use_sliding_window=true is not supported")
     return None
+
+
+def _moe_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Mixtral, Qwen2-MoE, OLMoE: the LLaMA fields plus their experts and routing."""
+    fields = _llama_fields(hf)
+    model_type = hf["model_type"]
+    if model_type == "mixtral":                # renormalizes its top-k always; no flag
+        return fields | dict(num_experts=hf["num_local_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
+                             moe_intermediate_size=hf["intermediate_size"], norm_topk_prob=True)
+    experts = dict(num_experts=hf["num_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
+                   norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
+    if model_type == "olmoe":
+        return fields | experts | dict(moe_intermediate_size=hf["intermediate_size"], qk_norm=True,
+                                       clip_qkv=hf.get("clip_qkv"))
+    # qwen2_moe: some layers may be dense (mlp_only_layers, or off the decoder_sparse_step)
+    step, dense_only = hf.get("decoder_sparse_step") or 1, set(hf.get("mlp_only_layers") or ())
+    dense = tuple(i for i in range(fields["num_layers"])
+                  if i in dense_only or not hf["num_experts"] or (i + 1) % step)
+    return fields | experts | dict(
+        moe_intermediate_size=hf["moe_intermediate_size"], dense_layers=dense,
+        shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size") or 0,
+        qkv_bias=hf.get("qkv_bias", True))      # transformers 4 had no flag: always biased
+
+
+def _check_experts(config: "ModelConfig") -> None:
+    if not 1 <= config.num_experts_per_tok <= config.num_experts:
+        raise ValueError(f"num_experts_per_tok must be in [1, num_experts {config.num_experts}], "
+                         f"got {config.num_experts_per_tok}")
+    if config.moe_intermediate_size <= 0:
+        raise ValueError(f"config moe_intermediate_size must be > 0, got {config.moe_intermediate_size}")
+    if config.clip_qkv is not None and config.clip_qkv <= 0:
+        raise ValueError(f"clip_qkv must be > 0, got {config.clip_qkv}")
 
 
 def _bert_fields(hf: dict[str, Any]) -> dict[str, Any]:
@@ -199,14 +248,17 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False          # CUDA: never replay decode steps from CUDA graphs
     num_threads: int | None = None       # torch intra-op threads on CPU; None: all cores
-    quantization: str | None = None      # None | "int8": int8 weights, CPU (engine/quantization.py)
+    quantization: str = "auto"           # auto | none | int8 | int4 (engine/quantization.py)
     seed: int = 0
 
     def __post_init__(self):
         if isinstance(self.kv_cache_memory, str):
             object.__setattr__(self, "kv_cache_memory", parse_bytes(self.kv_cache_memory))
-        if self.quantization not in (None, "int8"):
-            raise ValueError(f"quantization must be None or int8, got {self.quantization!r}")
+        if self.quantization is None:            # the old spelling of "none"
+            object.__setattr__(self, "quantization", "none")
+        if self.quantization not in ("auto", "none", "int8", "int4"):
+            raise ValueError("quantization must be auto, none, int8 or int4, "
+                             f"got {self.quantization!r}")
         _check_device_and_dtype(self.device, self.dtype)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:

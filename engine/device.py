@@ -78,14 +78,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None,
-                  quantization: str | None = None) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cpu":
-        # fp32: exact and batch-invariant, and the fast dtype without native bf16;
-        # int8 weights multiply bf16 activations.
-        return torch.bfloat16 if quantization == "int8" else torch.float32
+        # fp32: exact and batch-invariant, and the fast dtype without native bf16; quantized
+        # weights' kernels take fp32 activations too (engine/quantization.py).
+        return torch.float32
     return torch.float16 if checkpoint_dtype == "float16" else torch.bfloat16
 
 

@@ -20,10 +20,12 @@ import torch
 from engine.config import EncoderConfig, UnsupportedModelError
 from engine.device import resolve_device, resolve_dtype
 from engine.errors import InvalidParameter, PromptTooLongError
-from engine.layers.attention import Attention, build_attn_metadata
+from engine.layers.attention import Attention, TorchAttention, build_attn_metadata
+from engine.layers.cpu_attention import CpuPagedAttention
 from engine.layers.encoder_attention import PerSequenceAttention, SequenceSpans
 from engine.limits import EncoderLimits
 from engine.loader import build_model, load_tokenizer, open_checkpoint
+from engine.model_runner import select_backend
 from engine.models.bert import SparsePooling, read_pooling_config
 
 logger = logging.getLogger(__name__)
@@ -105,12 +107,10 @@ class EncoderRunner:
         self.dtype = resolve_dtype(config.dtype, self.device, checkpoint.config.dtype)
         self.pooling = read_pooling_config(checkpoint.path)
         self.model = build_model(checkpoint, self.dtype, self.device)
-        # Attention chosen once: per sequence on a CPU (no padding), the padded reference elsewhere.
-        self.per_sequence_attention = self.device.type == "cpu"
-        if self.per_sequence_attention:
-            for module in self.model.modules():
-                if isinstance(module, Attention):
-                    module.backend = PerSequenceAttention()
+        self.attention = encoder_attention(self.config, self.device)
+        for module in self.model.modules():
+            if isinstance(module, Attention):
+                module.backend = self.attention
         if self.pooling.sparse is not None and self.model.cls is None:
             raise UnsupportedModelError(f"{model}: SPLADE pooling needs a masked-LM head (BertForMaskedLM), "
                                         f"got {self.config.architecture}")
@@ -246,7 +246,7 @@ class EncoderRunner:
         if any(item.token_type_ids is not None for item in items):
             token_types = torch.tensor(list(itertools.chain.from_iterable(
                 item.token_type_ids or [0] * len(item.token_ids) for item in items)), device=self.device)
-        meta = SequenceSpans.of(lens) if self.per_sequence_attention \
+        meta = SequenceSpans.of(lens) if isinstance(self.attention, PerSequenceAttention) \
             else build_attn_metadata(lens, lens, None, 1, device=self.device, causal=False)
         hidden = self.model(input_ids, positions, meta, token_types)    # (num_tokens, hidden)
         rows: list = [None] * len(items)
@@ -284,6 +284,16 @@ class EncoderRunner:
         return np.split(probs, np.cumsum(counts)[:-1])
 
     HEADS = {"embedding": _embedding, "logits": _logits, "sparse": _sparse, "masks": _masks}
+
+
+def encoder_attention(config, device: torch.device):
+    """Chosen once per model. On a CPU: our C++ op when it builds (packed rows, no padding, one
+    call per layer), else attention per sequence in PyTorch (no padding either). Elsewhere the
+    padded reference: one kernel per layer beats one per sequence on a GPU."""
+    if device.type != "cpu":
+        return TorchAttention()
+    backend = select_backend(config, device)
+    return backend if isinstance(backend, CpuPagedAttention) else PerSequenceAttention()
 
 
 def _rows_of(hidden: torch.Tensor, lens: list[int], picked: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

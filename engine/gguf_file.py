@@ -2,11 +2,18 @@
 
 A GGUF file becomes exactly what the equivalent HF checkpoint holds: HF parameter names, HF
 shapes, HF orientation, float32 values. One loader path then serves both formats. Beyond a
-rename, three things differ from an HF checkpoint:
-  * quantized blocks, dequantized here at load by `gguf.quants.dequantize`;
+rename, four things differ from an HF checkpoint:
+  * quantized blocks, dequantized here at load by `gguf.quants.dequantize` — or, when the
+    loader asks (`keep_blocks`), Q4_0 / Q4_1 / Q8_0 matrices handed over as `BlockRows`,
+    never through floats;
   * llama.cpp's converter interleaves the rotary halves of the attn_q / attn_k rows (llama
     only; its qwen2 converter leaves them alone), which we undo;
-  * GPT-2: the converter stores the Conv1D weights transposed to (out, in); HF keeps (in, out).
+  * GPT-2: the converter stores the Conv1D weights transposed to (out, in); HF keeps (in, out);
+  * MoE (Mixtral as "llama", qwen2moe, olmoe): each projection's experts are one stacked tensor,
+    `ffn_{gate,up,down}_exps`, (num_experts, out, in); it keeps the name llama.cpp's converter
+    merged it under (`mlp.experts.gate_proj.weight`) and the loader stacks it as it stacks the
+    per-expert tensors of an HF checkpoint. Qwen2-MoE's shared-expert gate is stored as a
+    vector; HF's is a (1, hidden) row.
 
 Every check (names, types, shapes the un-permute needs) runs before the first tensor is
 dequantized, so a bad file fails whole and nothing half-loads.
@@ -23,6 +30,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
+
+from engine.layers.quant_blocks import FORMATS as BLOCK_FORMATS, BlockRows
 
 # read_metadata adds this key: which tensors the file holds decides tie_word_embeddings.
 TENSOR_NAMES_KEY = "GGUF.tensor_names"
@@ -55,6 +64,31 @@ LLAMA_NAMES = {
     "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    # Mixtral, which llama.cpp writes as "llama": router and stacked experts
+    "blk.{i}.ffn_gate_inp.weight": "model.layers.{i}.block_sparse_moe.gate.weight",
+    "blk.{i}.ffn_gate_exps.weight": "model.layers.{i}.block_sparse_moe.experts.w1.weight",
+    "blk.{i}.ffn_down_exps.weight": "model.layers.{i}.block_sparse_moe.experts.w2.weight",
+    "blk.{i}.ffn_up_exps.weight": "model.layers.{i}.block_sparse_moe.experts.w3.weight",
+}
+
+# Qwen2-MoE and OLMoE: the LLaMA layout with routed experts stacked per projection.
+_MOE_EXPERT_NAMES = {
+    "blk.{i}.ffn_gate_inp.weight": "model.layers.{i}.mlp.gate.weight",
+    "blk.{i}.ffn_gate_exps.weight": "model.layers.{i}.mlp.experts.gate_proj.weight",
+    "blk.{i}.ffn_up_exps.weight": "model.layers.{i}.mlp.experts.up_proj.weight",
+    "blk.{i}.ffn_down_exps.weight": "model.layers.{i}.mlp.experts.down_proj.weight",
+}
+QWEN2MOE_NAMES = {
+    **LLAMA_NAMES, **_MOE_EXPERT_NAMES,
+    "blk.{i}.ffn_gate_inp_shexp.weight": "model.layers.{i}.mlp.shared_expert_gate.weight",
+    "blk.{i}.ffn_gate_shexp.weight": "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
+    "blk.{i}.ffn_up_shexp.weight": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
+    "blk.{i}.ffn_down_shexp.weight": "model.layers.{i}.mlp.shared_expert.down_proj.weight",
+}
+OLMOE_NAMES = {
+    **LLAMA_NAMES, **_MOE_EXPERT_NAMES,
+    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
 }
 
 GPT2_NAMES = {
@@ -93,13 +127,19 @@ class _Family:
     names: dict[str, str]                  # GGUF name -> HF name
     rotary_permuted: bool = False          # attn_q / attn_k rows interleaved by the converter
     transposed: tuple[str, ...] = ()       # HF name suffixes stored transposed in the file
+    model_type: str | None = None          # config.json's model_type, when not the GGUF arch name
+    row_vectors: tuple[str, ...] = ()      # HF name suffixes of (1, n) weights the file holds as (n,)
 
 
-# general.architecture -> family. A Mistral GGUF says "llama".
+# general.architecture -> family. A Mistral GGUF says "llama", and so does a Mixtral one
+# (hf_config_from_gguf tells it by its experts).
 FAMILIES = {
     "llama": _Family("LlamaForCausalLM", LLAMA_NAMES, rotary_permuted=True),
     "qwen2": _Family("Qwen2ForCausalLM", LLAMA_NAMES),
     "gpt2": _Family("GPT2LMHeadModel", GPT2_NAMES, transposed=GPT2_TRANSPOSED),
+    "qwen2moe": _Family("Qwen2MoeForCausalLM", QWEN2MOE_NAMES, model_type="qwen2_moe",
+                        row_vectors=("mlp.shared_expert_gate.weight",)),
+    "olmoe": _Family("OlmoeForCausalLM", OLMOE_NAMES),
 }
 
 
@@ -113,7 +153,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def hf_config_from_gguf(metadata: dict[str, Any]) -> dict[str, Any]:
-    """A Hugging Face config.json-style dict for a llama, qwen2 or gpt2 GGUF's metadata."""
+    """A Hugging Face config.json-style dict for a llama (or Mixtral), qwen2, gpt2, qwen2moe or
+    olmoe GGUF's metadata."""
     arch = _architecture(metadata)
     if TENSOR_NAMES_KEY not in metadata:
         raise GGUFError(f"GGUF metadata lacks {TENSOR_NAMES_KEY!r}; build it with read_metadata()")
@@ -123,10 +164,14 @@ def hf_config_from_gguf(metadata: dict[str, Any]) -> dict[str, Any]:
     if not vocab_size:
         raise GGUFError(f"GGUF {_model_name(metadata)}: neither {arch}.vocab_size nor "
                         "tokenizer.ggml.tokens says the vocabulary size")
-    return {"model_type": arch, "architectures": [FAMILIES[arch].architecture],
-            "vocab_size": vocab_size, **fields,
-            "tie_word_embeddings": "output.weight" not in metadata[TENSOR_NAMES_KEY],
-            **_token_ids(metadata)}
+    family = FAMILIES[arch]
+    config = {"model_type": family.model_type or arch, "architectures": [family.architecture],
+              "vocab_size": vocab_size, **fields,
+              "tie_word_embeddings": "output.weight" not in metadata[TENSOR_NAMES_KEY],
+              **_token_ids(metadata)}
+    if metadata.get(f"{arch}.expert_count"):
+        config |= _moe_config(metadata, arch)
+    return config
 
 
 def validate_gguf(path: str | os.PathLike) -> None:
@@ -134,10 +179,17 @@ def validate_gguf(path: str | os.PathLike) -> None:
     _plan(path, _open(path), read_metadata(path))
 
 
-def iter_gguf_tensors(path: str | os.PathLike,
-                      metadata: dict[str, Any] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def has_block_tensors(path: str | os.PathLike) -> bool:
+    """Whether any matrix in the file is Q4_0, Q4_1 or Q8_0 (what `keep_blocks` keeps)."""
+    return any(_is_block_matrix(tensor) for tensor in _open(path).tensors)
+
+
+def iter_gguf_tensors(path: str | os.PathLike, metadata: dict[str, Any] | None = None,
+                      keep_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | BlockRows]]:
     """(HF name, float32 tensor in HF layout) for every tensor in the file, dequantized.
 
+    keep_blocks: Q4_0 / Q4_1 / Q8_0 matrices come as BlockRows instead (rows in HF order),
+    except those HF stores transposed (GPT-2's Conv1D), whose blocks would cut across rows.
     The whole file is checked before the first tensor is produced."""
     reader = _open(path)
     if metadata is None:
@@ -145,7 +197,10 @@ def iter_gguf_tensors(path: str | os.PathLike,
     plan = _plan(path, reader, metadata)
     family = FAMILIES[metadata["general.architecture"]]
     for tensor, hf_name, num_heads in plan:
-        yield hf_name, _to_hf(path, tensor, hf_name, family, num_heads)
+        if keep_blocks and _is_block_matrix(tensor) and not hf_name.endswith(family.transposed):
+            yield hf_name, _to_blocks(tensor, num_heads)
+        else:
+            yield hf_name, _to_hf(path, tensor, hf_name, family, num_heads)
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -227,7 +282,20 @@ def _to_hf(path, tensor: ReaderTensor, hf_name: str, family: _Family,
         weight = _unpermute_rotary(weight, num_heads)
     if hf_name.endswith(family.transposed):
         weight = weight.T
+    if hf_name.endswith(family.row_vectors) and weight.dim() == 1:
+        weight = weight[None]
     return weight.contiguous()
+
+
+def _is_block_matrix(tensor: ReaderTensor) -> bool:
+    return tensor.tensor_type.name in BLOCK_FORMATS and len(tensor.shape) == 2
+
+
+def _to_blocks(tensor: ReaderTensor, num_heads: int | None) -> BlockRows:
+    raw = torch.from_numpy(np.array(tensor.data))   # (rows, row bytes), copied off the memory map
+    if num_heads is not None:                       # a row is whole blocks: move rows, not values
+        raw = _unpermute_rotary(raw, num_heads)
+    return BlockRows.from_gguf(tensor.tensor_type.name, raw)
 
 
 def _unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -294,6 +362,30 @@ def _rope_scaling(metadata: dict[str, Any], arch: str) -> dict[str, Any] | None:
         scaling |= {hf: _f32(metadata[prefix + g]) if "freq" in g else metadata[prefix + g]
                     for g, hf in optional.items() if prefix + g in metadata}
     return scaling
+
+
+def _moe_config(metadata: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The config.json fields of a Mixtral ("llama" with experts), Qwen2-MoE or OLMoE GGUF."""
+    names = set(metadata[TENSOR_NAMES_KEY])
+    num_experts = metadata[f"{arch}.expert_count"]
+    num_used = _require(metadata, f"{arch}.expert_used_count")
+    if arch == "llama":                         # Mixtral: renormalizes its top-k weights, always
+        return {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+                "num_local_experts": num_experts, "num_experts_per_tok": num_used}
+    # llama.cpp does not renormalize qwen2moe's or olmoe's, unless the file says so.
+    config = {"num_experts": num_experts, "num_experts_per_tok": num_used,
+              "norm_topk_prob": bool(metadata.get(f"{arch}.expert_weights_norm", False))}
+    if arch == "olmoe":
+        clip = metadata.get("olmoe.attention.clamp_kqv")
+        return config | {"attention_bias": "blk.0.attn_q.bias" in names,
+                         "clip_qkv": _f32(clip) if clip else None}
+    # qwen2moe (every layer routed: llama.cpp has no dense layers for it)
+    shared = any(name.endswith(".ffn_gate_shexp.weight") for name in names)
+    return config | {
+        "moe_intermediate_size": _require(metadata, f"{arch}.expert_feed_forward_length"),
+        "shared_expert_intermediate_size": (
+            _require(metadata, f"{arch}.expert_shared_feed_forward_length") if shared else 0),
+        "qkv_bias": "blk.0.attn_q.bias" in names}
 
 
 def _gpt2_config(metadata: dict[str, Any]) -> dict[str, Any]:

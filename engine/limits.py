@@ -23,7 +23,7 @@ class GenerationLimits:
     num_blocks: int
     device: str                          # "cpu", "cuda:0", ...
     dtype: str                           # "float32", "bfloat16", ...
-    quantization: str | None = None      # what the weights run as, in words (None: unquantized)
+    quantization: str = "none"           # what the weights run as, in words
 
     @property
     def max_prompt_len(self) -> int:

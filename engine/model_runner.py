@@ -10,9 +10,13 @@ import logging
 
 import torch
 
+from engine import kernels
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache import ceil_div
-from engine.layers.attention import Attention, AttentionBackend, AttnMetadata, TorchAttention, build_attn_metadata
+from engine.layers.attention import (Attention, AttentionBackend, AttnMetadata, TorchAttention,
+                                    build_attn_metadata)
+from engine.layers.cpu_attention import CpuPagedAttention
+from engine.layers.fused import use_fused_ops
 from engine.models import CausalLM
 from engine.scheduler import ScheduledBatch
 
@@ -24,12 +28,18 @@ _GPU_MEMORY_UTILIZATION = 0.85
 
 def select_backend(config: ModelConfig, device: torch.device) -> AttentionBackend:
     """The one place the attention implementation is chosen: Triton kernels on CUDA when the
-    head size suits them, the PyTorch reference everywhere else."""
+    head size suits them, our C++ op on a CPU when it builds, the PyTorch reference elsewhere."""
     if device.type == "cuda":
         from engine.layers import triton_attention  # CPU-only installs never import triton
         if triton_attention.supports_head_dim(config.head_dim):
             return triton_attention.CudaAttention(sliding_window=config.sliding_window)
         logger.warning("head_dim %d has no Triton kernel; using the PyTorch attention", config.head_dim)
+    if device.type == "cpu":
+        ops = kernels.load()
+        if ops is not None:
+            logger.info("attention: CpuPagedAttention (%s build)", ops.isa)
+            return CpuPagedAttention(ops)
+        logger.info("attention: TorchAttention (no CPU kernels)")
     return TorchAttention()
 
 
@@ -43,6 +53,10 @@ class ModelRunner:
         self.block_size = engine_config.block_size
         self.num_blocks = self._decide_num_blocks()
         self.backend = select_backend(model_config, device)
+        # Our CPU kernels, when the attention runs on them: the small ops go fused too.
+        self.cpu_kernels = self.backend.ops if isinstance(self.backend, CpuPagedAttention) else None
+        if self.cpu_kernels is not None:
+            logger.info("fused CPU ops: %d modules", use_fused_ops(model, self.cpu_kernels))
         self.kv_cache = self._allocate_kv_cache()
         self.graphs = None                  # DecodeGraphs once captured (CUDA only)
 

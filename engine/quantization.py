@@ -1,84 +1,181 @@
-"""`quantization="int8"`: weight-only int8 for every linear layer and the LM head, on the CPU.
+"""Which weights run quantized (EngineConfig.quantization), decided once per engine, and the
+module swaps that make it so. Models are built as float models and never know: their
+nn.Linear / nn.Embedding modules are replaced from outside (STYLE.md 3 and 18).
 
-Weights are quantized once, symmetric, one scale per output row; activations stay bfloat16.
-A decode step at small batch is bound by reading weights, and int8 reads half of bf16's bytes
-(a quarter of fp32's); PyTorch's int8 kernel reads them no faster per byte, so one stream
-gains less than that (BENCHMARKS.md: 27.8 tok/s against bf16's 25.5 and fp32's 14.9). On the
-bundled text SmolLM2-135M's perplexity rises ~1% (benchmarks/perplexity.py, which
-tests/test_quantization.py holds under 2%). Needs a CPU with native bf16 (AVX-512 BF16 or
-AMX); elsewhere the kernel is many times slower than fp32, so the engine refuses.
+    auto   a GGUF's Q4_0 / Q4_1 / Q8_0 matrices stay blocks (engine/layers/quantized_linear.py)
+           on a CPU whose SIMD kernels load (AVX-512 VNNI or AVX2 build); everything else — HF
+           checkpoints, F16 or K-quant GGUF tensors, CUDA, CPUs with neither — runs as "none".
+    none   every weight float: the exact, batch-invariant reference.
+    int8   every linear layer and the LM head quantized at load to Q8_0 blocks (a GGUF is
+           dequantized first); the embedding lookup keeps its float rows.
+    int4   the same with Q4_1 blocks (min and scale per 32); the LM head stays Q8_0.
+
+Activations stay fp32 on every CPU kind: the kernels quantize them to int8 per block
+themselves, so a bf16 activation dtype would buy nothing here (and could not be measured on
+a CPU without native bf16).
 """
 from __future__ import annotations
 
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from types import ModuleType
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from engine.device import cpu_features
-from engine.layers.linear import split_shards
+from engine import kernels as cpu_kernels
+from engine.layers.quant_blocks import BlockRows
+from engine.layers.quantized_linear import QuantizedEmbedding, QuantizedLinear, quantizable
 
-# Up to this many rows the int8 kernel beats bf16 (on a 2-core Zen 4, 576 x 3072: 1 row 2x
-# faster, 16 rows 2x slower); beyond, compute binds and the bf16 copy is used.
-INT8_KERNEL_MAX_ROWS = 4
+logger = logging.getLogger(__name__)
 
-
-class Int8Linear(nn.Module):
-    """y = x W^T + b with W quantized to int8, one scale per output row; x in bfloat16.
-
-    A few rows (decode at small batch) are bound by reading W: they go through the int8 kernel,
-    which reads half of bf16's bytes. Many rows are bound by compute, where that kernel is slow:
-    they multiply a bf16 copy of the same quantized weights.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
-                 shard_sizes: dict[str, int] | None = None):
-        super().__init__()
-        weight = weight.detach().float()
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        qweight = (weight / scales[:, None]).round_().to(torch.int8)
-        self.register_buffer("qweight", qweight, persistent=False)
-        self.register_buffer("scales", scales.to(torch.bfloat16), persistent=False)
-        self.register_buffer("dequantized", (qweight.float() * scales[:, None]).to(torch.bfloat16),
-                             persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16),
-                             persistent=False)
-        self.shard_sizes = shard_sizes           # a MergedLinear's, so split() still works
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        return cls(linear.weight, linear.bias, getattr(linear, "shard_sizes", None))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        rows = x.reshape(-1, shape[-1])
-        if rows.shape[0] <= INT8_KERNEL_MAX_ROWS:
-            out = torch._weight_int8pack_mm(rows, self.qweight, self.scales)
-        else:
-            out = F.linear(rows, self.dequantized)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*shape[:-1], self.out_features)
-
-    def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return split_shards(out, self.shard_sizes)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+MODES = ("auto", "none", "int8", "int4")
+# The LM head is Q8_0 in both modes: on SmolLM2 a Q4_1 head cost +8% perplexity to save ~40%
+# of the head's time; Q8_0 costs under 1% (BENCHMARKS.md).
+LM_HEAD_BITS = 8
 
 
-def quantize_int8(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Swap every nn.Linear of a causal LM (the LM head too, tied or not) for Int8Linear."""
-    if device.type != "cpu" or dtype != torch.bfloat16:
-        raise ValueError("quantization int8 runs on the CPU with bfloat16 activations "
-                         f"(got device {device.type}, dtype {str(dtype).removeprefix('torch.')})")
-    if not cpu_features().has_native_bf16:
-        raise ValueError("quantization int8 needs a CPU with native bf16 (AVX-512 BF16 or AMX); "
-                         "without, its kernels run slower than float32")
+@dataclass(frozen=True, slots=True)
+class QuantizationPlan:
+    mode: str                              # "none" | "gguf" | "int8" | "int4"
+    kernels: ModuleType | None = None      # the C++ build that multiplies the blocks
+
+    @property
+    def gguf_kernels(self) -> ModuleType | None:
+        """The kernels a GGUF's blocks are kept for; None: dequantize them at load."""
+        return self.kernels if self.mode == "gguf" else None
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizationSummary:
+    """What runs quantized, for logs and /info."""
+
+    mode: str                              # "none" | "gguf" | "int8" | "int4"
+    linear_formats: tuple[str, ...] = ()   # each block format with its count, e.g. "210 Q4_1"
+    lm_head: str | None = None             # the head's block format (None: float)
+    embedding: str | None = None           # the lookup's block format (None: float)
+    kernels: str | None = None             # "avx512" | "avx2" | "baseline"
+
+    def __str__(self) -> str:
+        if self.mode == "none":
+            return "none: float weights"
+        parts = [f"{self.mode}: linears {', '.join(self.linear_formats) or 'none'}",
+                 f"lm head {self.lm_head or 'float'}",
+                 f"embedding {self.embedding + ' dequantized on lookup' if self.embedding else 'float'}",
+                 f"{self.kernels} kernels, int8 activations per block of 32"]
+        return "; ".join(parts)
+
+
+def plan_quantization(requested: str, checkpoint, device: torch.device) -> QuantizationPlan:
+    """The plan for EngineConfig.quantization on this checkpoint and device."""
+    if requested == "none":
+        return QuantizationPlan("none")
+    if requested == "auto":
+        return _plan_auto(checkpoint, device)
+    if device.type != "cpu":
+        raise ValueError(f"quantization {requested} runs on the CPU (got device {device.type})")
+    kernels = cpu_kernels.load()
+    if kernels is None:
+        raise ValueError(f"quantization {requested} needs the C++ CPU kernels, which did not "
+                         "build or load here (see the log)")
+    if kernels.isa == "baseline":
+        logger.warning("quantization %s on a CPU without AVX2: the portable kernels are many "
+                       "times slower than float32", requested)
+    return QuantizationPlan(requested, kernels)
+
+
+def _plan_auto(checkpoint, device: torch.device) -> QuantizationPlan:
+    if device.type != "cpu" or not checkpoint.is_gguf:
+        return QuantizationPlan("none")
+    from engine.gguf_file import has_block_tensors
+    if not has_block_tensors(checkpoint.path):
+        return QuantizationPlan("none")
+    kernels = cpu_kernels.load()
+    if kernels is None or kernels.isa == "baseline":     # portable kernels lose to float32
+        return QuantizationPlan("none")
+    return QuantizationPlan("gguf", kernels)
+
+
+def quantize_model(model: nn.Module, plan: QuantizationPlan) -> nn.Module:
+    """int8 / int4: swap every nn.Linear whose rows split into blocks, and the LM head (tied
+    or not), for a QuantizedLinear. Other plans leave the model as it is."""
+    if plan.mode not in ("int8", "int4"):
+        return model
+    bits = 8 if plan.mode == "int8" else 4
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear.from_linear(child))
-    if getattr(model, "lm_head", None) is None:   # tied: the head reads the embedding matrix
-        model.lm_head = Int8Linear(model.get_input_embeddings().weight, None)
+            if isinstance(child, nn.Linear) and quantizable(child):
+                head = parent is model and name == "lm_head"
+                layer_bits = LM_HEAD_BITS if head else bits
+                setattr(parent, name, QuantizedLinear.from_linear(child, layer_bits, plan.kernels))
+    if getattr(model, "lm_head", None) is None:       # tied: the head reads the embedding matrix
+        weight = model.get_input_embeddings().weight
+        rows = BlockRows.quantize(weight, LM_HEAD_BITS)
+        model.lm_head = QuantizedLinear.from_rows(rows, None, plan.kernels)
     return model
+
+
+def swap_in_blocks(model: nn.Module, blocks: dict[str, BlockRows], kernels: ModuleType,
+                   dtype: torch.dtype) -> None:
+    """Replace each module whose weight the loader kept as blocks.
+
+    `blocks` maps the loader's keys, "<module>.weight" or "<merged module>.weight:<shard>", to
+    their rows. A merged module becomes one QuantizedLinear when all its shards are blocks of
+    formats that mix (Q4_0 with Q4_1); otherwise its blocks are dequantized into its float
+    weight. A tied model's LM head reads the quantized embedding's blocks."""
+    by_module: dict[str, dict[str | None, BlockRows]] = defaultdict(dict)
+    for key, rows in blocks.items():
+        param, _, shard = key.partition(":")
+        by_module[param.removesuffix(".weight")][shard or None] = rows
+    for module_name, shards in by_module.items():
+        module = model.get_submodule(module_name)
+        if isinstance(module, nn.Embedding):
+            embedding = QuantizedEmbedding(shards[None].pack(), kernels, dtype)
+            _set_submodule(model, module_name, embedding)
+            if getattr(model, "lm_head", None) is None:
+                model.lm_head = embedding.tied_head()
+            continue
+        rows = shards[None] if None in shards else _merged_rows(module, shards)
+        if rows is None:
+            _dequantize_into(module, shards)
+            continue
+        _set_submodule(model, module_name, QuantizedLinear.from_rows(
+            rows, module.bias, kernels, getattr(module, "shard_sizes", None)))
+
+
+def summarize(model: nn.Module, plan: QuantizationPlan) -> QuantizationSummary:
+    if plan.mode == "none":
+        return QuantizationSummary("none")
+    head = getattr(model, "lm_head", None)
+    counts: dict[str, int] = defaultdict(int)
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear) and module is not head:
+            counts[module.format] += 1
+    embedding = model.get_input_embeddings()
+    return QuantizationSummary(
+        plan.mode, tuple(f"{n} {fmt}" for fmt, n in sorted(counts.items())),
+        head.format if isinstance(head, QuantizedLinear) else None,
+        embedding.format if isinstance(embedding, QuantizedEmbedding) else None,
+        plan.kernels.isa)
+
+
+def _merged_rows(module: nn.Module, shards: dict[str | None, BlockRows]) -> BlockRows | None:
+    order = list(getattr(module, "shard_sizes", {}))
+    if sorted(order) != sorted(shards):              # some shards arrived as floats
+        return None
+    return BlockRows.cat([shards[name] for name in order])
+
+
+def _dequantize_into(module: nn.Module, shards: dict[str | None, BlockRows]) -> None:
+    with torch.no_grad():
+        for shard, rows in shards.items():
+            if shard is None:
+                module.weight.copy_(rows.dequantize())
+            else:
+                module.load_shard(shard, "weight", rows.dequantize())
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)

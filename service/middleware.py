@@ -69,6 +69,8 @@ class ServiceMiddleware:
                 MutableHeaders(scope=message)["x-request-id"] = info.request_id
             await send(message)
 
+        counted = path not in OPEN_PATHS                # what a drain waits to answer
+        self.server.num_in_flight += counted
         try:
             rejection = self._reject(scope["method"], path, headers)
             if rejection is not None:
@@ -81,6 +83,7 @@ class ServiceMiddleware:
                 await error_response(path, APIError(500, "internal server error (logged)"))(
                     scope, receive, send_with_id)
         finally:
+            self.server.num_in_flight -= counted
             self._record(scope, info, time.perf_counter() - started)
 
     def _reject(self, method: str, path: str, headers: Headers) -> APIError | None:

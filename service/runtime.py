@@ -37,6 +37,8 @@ _ROLE_TASKS = {"embed": ("embed", "similarity", "embed_sparse", "fill_mask"), "c
                "rerank": ("rerank",)}
 _ROLE_FLAGS = {"embed": "--embedding-model", "classify": "--classifier-model", "rerank": "--reranker-model"}
 _WARMUP_PROMPT = "Hello"
+# After --drain-timeout, what is aborted gets this long to be answered; the process then exits.
+_DRAIN_GRACE_S = 1.5
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Server:
         self.tasks: dict[str, list[str]] = {}   # task -> names of the encoders serving it, the default first
         self.model_id = settings.model or next(name for _, name, _ in settings.encoders())
         self.num_admitting = 0           # sequences past the queue check, not yet in the engine
+        self.num_in_flight = 0           # requests on the model routes not yet answered (middleware)
         # Tokenizing has threads of its own: admission's (generation, embeddings) and the
         # /tokenize and /detokenize routes' (bounded: a flood of those cannot delay admission,
         # and never runs on the event loop).
@@ -175,14 +178,19 @@ class Server:
         if self.status in ("loading", "ready"):
             self.status = "draining"
         timeout = self.settings.drain_timeout
+        answered_by = time.monotonic() + timeout + _DRAIN_GRACE_S
         logger.info("draining: %d request(s) in flight, up to %.0fs",
                     self.generator.num_unfinished if self.generator else 0, timeout)
         # Generation and the encoders drain side by side, against the one deadline.
         await asyncio.gather(self._drain_generator(timeout), *(
-            asyncio.to_thread(encoder.stop, True, timeout) for encoder in self.encoders.values()))
+            asyncio.to_thread(encoder.stop, True, timeout)
+            for encoder in {id(e): e for e in self.encoders.values()}.values()))
+        # What was aborted is answered (503, or a stream's error event) before the exit.
+        while self.num_in_flight and time.monotonic() < answered_by:
+            await asyncio.sleep(0.02)
 
     async def _drain_generator(self, timeout: float) -> None:
-        if self.generator is not None and not await self.generator.drain(timeout):
+        if self.generator is not None and not await self.generator.drain(timeout, grace=_DRAIN_GRACE_S / 2):
             logger.warning("drain timeout: aborted the requests still running")
 
     async def stop(self) -> None:

@@ -308,6 +308,7 @@ class Info(BaseModel):
     num_requests_running: int = 0
     num_requests_waiting: int = 0
     max_num_seqs: int | None = None
+    quantization: str | None = None           # what the weights run as, and why (e.g. a GGUF's blocks)
     max_queue: int
     max_stop_sequences: int | None = None
     max_best_of: int | None = None

@@ -41,7 +41,8 @@ _HELP = {
     "read_timeout": "seconds a client has to send a request's headers, and then its body "
                     "(the connection is closed, after a 408 for a late body; 0 = no limit)",
     "cors_origins": "origins allowed by CORS (comma list; off by default)",
-    "quantization": "int8: int8 weights, bf16 activations (CPUs with AVX-512 BF16; see BENCHMARKS.md)",
+    "quantization": "auto: a Q4_0/Q4_1/Q8_0 GGUF keeps its blocks on the CPU; none: float weights; "
+                    "int8 / int4: quantize every linear at load (CPU; see BENCHMARKS.md)",
     "max_batch_tokens": "encoder: most tokens (padding included) in one batch",
     "max_batch_size": "encoder: most inputs in one batch",
     "batch_wait_ms": "encoder: longest an input waits for others to fill its batch",
@@ -78,7 +79,7 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = []
     device: str = _default(EngineConfig, "device")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _default(EngineConfig, "dtype")
-    quantization: Literal["int8"] | None = _default(EngineConfig, "quantization")
+    quantization: Literal["auto", "none", "int8", "int4"] = _default(EngineConfig, "quantization")
     max_num_seqs: int = Field(_default(EngineConfig, "max_num_seqs"), ge=1)
     max_num_batched_tokens: int = Field(_default(EngineConfig, "max_num_batched_tokens"), ge=1)
     max_prefill_tokens: int | None = Field(_default(EngineConfig, "max_prefill_tokens"), ge=1)
@@ -103,7 +104,7 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int | None = Field(None, ge=1)
     default_max_tokens: int | None = Field(None, ge=1)
 
-    @field_validator("model", "quantization", mode="before")
+    @field_validator("model", mode="before")
     @classmethod
     def _none_means_off(cls, value: Any) -> Any:
         return None if isinstance(value, str) and value.strip().lower() in _NO_MODEL else value

@@ -47,9 +47,21 @@ def write_tiny_tokenizer(directory: Path) -> None:
         "add_bos_token": False, "chat_template": CHAT_TEMPLATE}))
 
 
+# Tiny Mixture-of-Experts variants (engine/models/moe.py), each a family name for tiny_hf_model:
+# between them top-1 and top-2, with and without renormalized router weights, a shared expert.
+MOE_VARIANTS = {
+    "mixtral": "top-2 of 4, renormalized (always, in Mixtral), sliding window 12",
+    "qwen2_moe": "top-2 of 4, not renormalized, shared expert; layer 1 dense (mlp_only_layers)",
+    "qwen2_moe_top1": "top-1 of 4, renormalized (norm_topk_prob), shared expert",
+    "olmoe": "top-2 of 8, not renormalized, QK-norm",
+    "olmoe_top1": "top-1 of 4, not renormalized, QK-norm, clip_qkv 1.5",
+}
+
+
 def tiny_hf_model(family: str, **overrides):
     """A tiny random transformers model of a family: llama, llama3 (rope scaling), mistral,
-    qwen2, gpt2. Weights are drawn wide (std 0.2) so attention patterns really matter."""
+    qwen2, gpt2, or one of MOE_VARIANTS. Weights are drawn wide (std 0.2) so attention patterns
+    really matter; MoE models' norm weights are drawn too (1 +- 0.2), so the QK-norms count."""
     import transformers as tf
     common = dict(vocab_size=TINY_VOCAB, initializer_range=0.2, bos_token_id=0, eos_token_id=2)
     llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -63,14 +75,34 @@ def tiny_hf_model(family: str, **overrides):
                                             sliding_window=12),
         "qwen2": lambda: tf.Qwen2Config(**common, **llama_like, tie_word_embeddings=True),
         "gpt2": lambda: tf.GPT2Config(**common, n_embd=64, n_layer=2, n_head=4, n_positions=512),
+        "mixtral": lambda: tf.MixtralConfig(**common, **llama_like, num_local_experts=4,
+                                            num_experts_per_tok=2, sliding_window=12),
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(
+            **common, **llama_like, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=96, norm_topk_prob=False, mlp_only_layers=[1]),
+        "qwen2_moe_top1": lambda: tf.Qwen2MoeConfig(
+            **common, **llama_like, num_experts=4, num_experts_per_tok=1, moe_intermediate_size=32,
+            shared_expert_intermediate_size=96, norm_topk_prob=True),
+        "olmoe": lambda: tf.OlmoeConfig(**common, **llama_like, num_experts=8, num_experts_per_tok=2,
+                                        norm_topk_prob=False),
+        "olmoe_top1": lambda: tf.OlmoeConfig(**common, **llama_like, num_experts=4, num_experts_per_tok=1,
+                                             norm_topk_prob=False, clip_qkv=1.5),
     }
     config = configs[family]()
     for key, value in overrides.items():
         setattr(config, key, value)
     torch.manual_seed(0)
     model_cls = {"gpt2": tf.GPT2LMHeadModel, "mistral": tf.MistralForCausalLM,
-                 "qwen2": tf.Qwen2ForCausalLM}.get(family, tf.LlamaForCausalLM)
-    return model_cls(config).eval()
+                 "qwen2": tf.Qwen2ForCausalLM, "mixtral": tf.MixtralForCausalLM,
+                 "qwen2_moe": tf.Qwen2MoeForCausalLM, "qwen2_moe_top1": tf.Qwen2MoeForCausalLM,
+                 "olmoe": tf.OlmoeForCausalLM, "olmoe_top1": tf.OlmoeForCausalLM}.get(family, tf.LlamaForCausalLM)
+    model = model_cls(config).eval()
+    if family in MOE_VARIANTS:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.copy_(1 + 0.2 * torch.randn_like(param))
+    return model
 
 
 def save_tiny_checkpoint(family: str, directory: Path, safe_serialization: bool = True, **overrides) -> Path:
@@ -80,12 +112,27 @@ def save_tiny_checkpoint(family: str, directory: Path, safe_serialization: bool 
     return directory
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_kernels_built():
+    """Build this CPU's kernels before any test starts a server that would load (and, the first
+    time, compile) them within its startup deadline. `make test` has built them already."""
+    from engine import kernels
+    kernels.load()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """family -> a saved tiny checkpoint directory (with tokenizer), made once per session."""
     root = tmp_path_factory.mktemp("tiny")
     return {family: save_tiny_checkpoint(family, root / family)
             for family in ("llama", "llama3", "mistral", "qwen2", "gpt2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """MoE variant -> a saved tiny checkpoint directory (one tensor per expert, with tokenizer)."""
+    root = tmp_path_factory.mktemp("tiny-moe")
+    return {variant: save_tiny_checkpoint(variant, root / variant) for variant in MOE_VARIANTS}
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,8 @@
     write_gguf(model, tmp_path / "tiny.gguf", tensor_type="Q4_1")
     write_gguf((state_dict, config), tmp_path / "tiny.gguf")  # PretrainedConfig or config.json dict
 
-Families: llama (and mistral, written as GGUF "llama" like llama.cpp does), qwen2, gpt2.
+Families: llama (and mistral, written as GGUF "llama" like llama.cpp does), qwen2, gpt2, and
+the MoE families: mixtral (GGUF "llama" with experts), qwen2_moe ("qwen2moe"), olmoe.
 
 What lands in the file, as the converter writes it:
   * tensor names from gguf's own TensorNameMap (independent of engine/gguf_file.py's tables);
@@ -16,7 +17,13 @@ What lands in the file, as the converter writes it:
   * llama/qwen2 with tie_word_embeddings: no output.weight (HF saves no lm_head then);
   * metadata keys as set_gguf_parameters writes them (qwen2 has no vocab_size key, so readers
     count tokenizer.ggml.tokens), and a placeholder vocabulary "<t0>", "<t1>", ... with the
-    config's bos/eos/pad ids.
+    config's bos/eos/pad ids;
+  * MoE: each projection's experts stacked into one (num_experts, out, in) tensor,
+    ffn_{gate,up,down}_exps (from transformers 5's fused gate_up_proj / down_proj or from
+    per-expert tensors), the router ffn_gate_inp kept F32 as the converter forces, Qwen2-MoE's
+    shared-expert gate squeezed to a vector, and {arch}.expert_count / expert_used_count /
+    expert_feed_forward_length / expert_shared_feed_forward_length; norm_topk_prob, when set,
+    as {arch}.expert_weights_norm.
 
 tensor_type applies to every 2-D weight; 1-D tensors (norms, biases) stay F32, as llama.cpp
 keeps them. Supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (via gguf.quants.quantize)
@@ -37,7 +44,9 @@ import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 
 QUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K")
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2",
+             "mixtral": "llama", "qwen2_moe": "qwen2moe", "olmoe": "olmoe"}
+F32_ALWAYS = ("ffn_gate_inp.weight",)            # the converter never quantizes the router
 GPT2_CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 
 
@@ -115,6 +124,20 @@ def _write_hparams(writer: GGUFWriter, arch: str, config: dict[str, Any], tensor
         writer.add_rope_dimension_count(
             config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
         _write_rope_scaling(writer, config)
+    num_experts = config.get("num_local_experts") or config.get("num_experts")
+    if num_experts:
+        _write_moe_hparams(writer, config, num_experts)
+
+
+def _write_moe_hparams(writer: GGUFWriter, config: dict[str, Any], num_experts: int) -> None:
+    writer.add_expert_count(num_experts)
+    writer.add_expert_used_count(config["num_experts_per_tok"])
+    if config.get("moe_intermediate_size"):                       # Qwen2MoeModel
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    if config.get("shared_expert_intermediate_size"):
+        writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
+    if config.get("norm_topk_prob"):
+        writer.add_expert_weights_norm(True)
 
 
 def _write_rope_scaling(writer: GGUFWriter, config: dict[str, Any]) -> None:
@@ -145,7 +168,7 @@ def _write_vocab(writer: GGUFWriter, config: dict[str, Any]) -> None:
 def _converted_tensors(state_dict: dict[str, torch.Tensor], config: dict[str, Any], arch: str):
     """(HF name, float32 numpy array in the layout the converter writes) per tensor."""
     tied = config.get("tie_word_embeddings", arch == "gpt2")
-    for name, tensor in state_dict.items():
+    for name, tensor in _stacked_experts(state_dict).items():
         if name == "lm_head.weight" and tied:
             continue               # HF's safetensors holds no tied lm_head
         array = tensor.detach().to(torch.float32).numpy()
@@ -156,7 +179,37 @@ def _converted_tensors(state_dict: dict[str, torch.Tensor], config: dict[str, An
             array = permute_rotary(array, config.get("num_key_value_heads") or num_heads)
         elif arch == "gpt2" and name.endswith(GPT2_CONV1D):
             array = array.T
+        elif name.endswith("mlp.shared_expert_gate.weight"):
+            array = array.reshape(-1)                  # llama.cpp holds it as a vector
         yield name, np.ascontiguousarray(array)
+
+
+def _stacked_experts(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict with each layer's experts as the converter merges them before naming:
+    `...mlp.experts.{gate,up,down}_proj.weight`, (num_experts, out, in). Takes transformers 5's
+    fused gate_up_proj / down_proj and the per-expert tensors of older checkpoints (Mixtral's
+    block_sparse_moe / w1 w2 w3 renamed as it goes)."""
+    out: dict[str, torch.Tensor] = {}
+    per_expert: dict[str, dict[int, torch.Tensor]] = {}
+    renames = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+    for name, tensor in state_dict.items():
+        name = name.replace(".block_sparse_moe.", ".mlp.")
+        head, found, tail = name.partition(".mlp.experts.")
+        if not found:
+            out[name] = tensor
+        elif tail == "gate_up_proj":
+            gate, up = tensor.chunk(2, dim=1)
+            out[f"{head}.mlp.experts.gate_proj.weight"] = gate
+            out[f"{head}.mlp.experts.up_proj.weight"] = up
+        elif tail == "down_proj":
+            out[f"{head}.mlp.experts.down_proj.weight"] = tensor
+        else:                                          # "{e}.{projection}.weight"
+            expert, projection, _ = tail.split(".")
+            key = f"{head}.mlp.experts.{renames.get(projection, projection)}.weight"
+            per_expert.setdefault(key, {})[int(expert)] = tensor
+    for key, experts in per_expert.items():
+        out[key] = torch.stack([experts[e] for e in range(len(experts))])
+    return out
 
 
 def permute_rotary(array: np.ndarray, num_heads: int) -> np.ndarray:
@@ -167,7 +220,7 @@ def permute_rotary(array: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def _add_tensor(writer: GGUFWriter, name: str, array: np.ndarray, tensor_type: str) -> None:
-    if array.ndim == 1 or tensor_type == "F32":
+    if array.ndim == 1 or tensor_type == "F32" or name.endswith(F32_ALWAYS):
         writer.add_tensor(name, array.astype(np.float32))
         return
     qtype = GGMLQuantizationType[tensor_type]

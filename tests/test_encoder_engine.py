@@ -307,3 +307,18 @@ def test_workers_share_the_cores_on_a_cpu(make_engine, monkeypatch):
     assert engine.is_alive and len({t.name for t in engine._threads}) == 3
     engine.stop()
     assert not engine.is_alive
+
+
+def test_cpu_attention_is_our_op_else_per_sequence_and_both_agree(encoder, singles, monkeypatch):
+    """On a CPU the encoder runs our C++ op where it builds, attention per sequence in PyTorch
+    where it does not: the same vectors either way."""
+    from engine import kernels
+    from engine.layers.cpu_attention import CpuPagedAttention
+    from engine.layers.encoder_attention import PerSequenceAttention
+    assert isinstance(encoder.runner.attention, CpuPagedAttention if kernels.load() else PerSequenceAttention)
+    monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    fallback = Encoder(MODEL)
+    assert isinstance(fallback.runner.attention, PerSequenceAttention)
+    vectors = fallback.embed(TEXTS)
+    for text, vector in zip(TEXTS, vectors):
+        assert torch.allclose(torch.tensor(vector), torch.tensor(singles[text]), atol=1e-5)

@@ -210,7 +210,7 @@ def test_rope_scaling():
 
 
 def test_unsupported_architecture_lists_the_supported_ones():
-    with pytest.raises(GGUFError, match=r"'falcon'.*gpt2, llama, qwen2"):
+    with pytest.raises(GGUFError, match=r"'falcon'.*gpt2, llama, olmoe, qwen2, qwen2moe"):
         hf_config_from_gguf(llama_metadata(**{"general.architecture": "falcon"}))
 
 
@@ -272,9 +272,9 @@ def test_q_rows_not_divisible_into_rotary_heads(tmp_path):
 def test_unsupported_architecture_in_a_file(tmp_path):
     path = handmade_gguf(tmp_path / "falcon.gguf", {"token_embd.weight": (f32(16, 64), None)},
                          arch="falcon")
-    with pytest.raises(GGUFError, match=rf"{path}.*'falcon'.*gpt2, llama, qwen2"):
+    with pytest.raises(GGUFError, match=rf"{path}.*'falcon'.*gpt2, llama, olmoe, qwen2, qwen2moe"):
         validate_gguf(path)
-    with pytest.raises(GGUFError, match="gpt2, llama, qwen2"):
+    with pytest.raises(GGUFError, match="gpt2, llama, olmoe, qwen2, qwen2moe"):
         hf_config_from_gguf(read_metadata(path))
 
 

@@ -1,5 +1,6 @@
 """The real default generation model, SmolLM2-135M-Instruct from its GGUF file, against
-transformers loading the very same file."""
+transformers loading the very same file (both dequantized to float32: quantization="none";
+tests/test_quantized_linear.py holds the default, quantized engine to this one)."""
 import pytest
 import torch
 
@@ -23,7 +24,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM("smollm2-135m-instruct", num_kv_blocks=256)
+    return LLM("smollm2-135m-instruct", num_kv_blocks=256, quantization="none")
 
 
 def test_greedy_continuations_equal_transformers_for_32_tokens(llm, reference):

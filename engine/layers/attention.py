@@ -49,6 +49,13 @@ class AttnMetadata:
     block_size: int                    # tokens per block of the key source (1 without a cache)
     decode: AttnGroup | None           # sequences with exactly one new token
     prefill: AttnGroup | None          # sequences with several
+    # The whole batch in row order, for kernels that walk the block tables themselves
+    # (CpuPagedAttention).
+    cu_seqlens_q: torch.Tensor | None = None   # (num_seqs + 1,) int32 first row of each sequence
+    seq_lens: torch.Tensor | None = None       # (num_seqs,) int32 keys per sequence (cached + new)
+    block_tables: torch.Tensor | None = None   # (num_seqs, max_blocks) int32, rows padded with 0; None: no cache
+    causal: bool = True
+    sliding_window: int | None = None          # a query sees keys with pos > q_pos - window
 
 
 class AttentionBackend(Protocol):
@@ -207,7 +214,21 @@ def build_attn_metadata(
                             causal, sliding_window, device)
 
     return AttnMetadata(slot_mapping=slot_mapping, block_size=block_size,
-                        decode=group(groups[True]), prefill=group(groups[False]))
+                        decode=group(groups[True]), prefill=group(groups[False]),
+                        **_whole_batch(starts, seq_lens, block_tables, block_size, device),
+                        causal=causal, sliding_window=sliding_window)
+
+
+def _whole_batch(starts, seq_lens, block_tables, block_size, device) -> dict:
+    """AttnMetadata's cu_seqlens_q (= starts), seq_lens and block_tables: int32, row order."""
+    int32 = dict(dtype=torch.int32, device=device)
+    batch = dict(cu_seqlens_q=torch.tensor(starts, **int32), seq_lens=torch.tensor(list(seq_lens), **int32))
+    if block_tables is not None:
+        num_blocks = [ceil_div(s_len, block_size) for s_len in seq_lens]
+        max_blocks = max(num_blocks, default=0)
+        padded = [list(table[:n]) + [0] * (max_blocks - n) for table, n in zip(block_tables, num_blocks)]
+        batch["block_tables"] = torch.tensor(padded, **int32).view(len(padded), max_blocks)
+    return batch
 
 
 def _build_group(indices, query_lens, seq_lens, starts, tables, block_size,

@@ -12,6 +12,7 @@ from engine.layers.attention import AttnMetadata
 from engine.models.bert import BertModel
 from engine.models.gpt2 import GPT2LMHeadModel
 from engine.models.llama import LlamaForCausalLM
+from engine.models.moe import MoeForCausalLM
 
 
 class CheckpointModel(Protocol):
@@ -42,6 +43,7 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "bert": BertModel,
     "gpt2": GPT2LMHeadModel,
     "llama": LlamaForCausalLM,
+    "moe": MoeForCausalLM,
 }
 
 

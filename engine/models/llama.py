@@ -10,21 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.layers.activations import SiluAndMul
 from engine.layers.attention import Attention, AttnMetadata
 from engine.layers.linear import MergedLinear
-from engine.layers.rotary import RotaryEmbedding, apply_rotary
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in fp32 like the reference, scale in the model dtype.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return self.weight * normed
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import ApplyRotary, RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
@@ -36,26 +26,26 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = MergedLinear(config.hidden_size, {"q_proj": q_size, "k_proj": kv_size,
                                                           "v_proj": kv_size}, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
+        self.rotary = ApplyRotary(config.head_dim)
         self.attn = Attention(config.num_heads, config.num_kv_heads, config.head_dim)
 
     def forward(self, hidden, cos, sin, meta: AttnMetadata):
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q = apply_rotary(q, cos, sin, self.head_dim)
-        k = apply_rotary(k, cos, sin, self.head_dim)
+        q, k = self.rotary(q, k, cos, sin)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        size = config.intermediate_size
+        size = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate_proj": size, "up_proj": size},
                                          bias=config.mlp_bias)
+        self.act = SiluAndMul()
         self.down_proj = nn.Linear(size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -92,11 +82,12 @@ class LlamaForCausalLM(nn.Module):
     packed_modules = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
                       "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
     transposed_weights: tuple[str, ...] = ()
+    model_class: type[nn.Module] = LlamaModel     # the decoder stack (MoE families bring theirs)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = self.model_class(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(
             config.hidden_size, config.vocab_size, bias=False)
 

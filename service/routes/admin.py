@@ -66,6 +66,7 @@ async def info(request: Request):
         "num_free_blocks": stats.num_free_blocks, "kv_cache_usage": stats.kv_cache_usage,
         "num_requests_running": stats.num_running, "num_requests_waiting": stats.num_waiting,
         "max_num_seqs": limits.max_num_seqs, "max_stop_sequences": MAX_STOP, "max_best_of": 1,
+        "quantization": limits.quantization,
     }
 
 
