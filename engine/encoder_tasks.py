@@ -54,13 +54,15 @@ def require(runner: EncoderRunner, task: str) -> None:
 
 def embed_job(runner: EncoderRunner, inputs: Inputs, normalize: bool = True, truncate: Truncate = False, *,
               dimensions: int | None = None, prompt_name: str | None = None,
-              direction: str = "right") -> tuple[Job, list[Item]]:
+              direction: str = "right", param: str = "inputs") -> tuple[Job, list[Item]]:
+    """`param`: the request field the inputs came in (OpenAI's is "input"), for refusals."""
     require(runner, "embed")
     size = runner.config.hidden_size
     if dimensions is not None and not 1 <= dimensions <= size:
         raise InvalidParameter("dimensions", f"dimensions must be between 1 and the model's {size}, got {dimensions}")
     cut = dimensions is not None and dimensions < size
-    ids = runner.prepare(inputs, truncate, direction=direction, prompt=prompt(runner, prompt_name, inputs))
+    ids = runner.prepare(inputs, truncate, direction=direction, prompt=prompt(runner, prompt_name, inputs),
+                         param=param)
     job = Job(len(ids), lambda rows: _embeddings(rows, dimensions if cut else None, normalize), _count(ids))
     return job, [Item(x, "embedding", normalize and not cut, job, i) for i, x in enumerate(ids)]
 

@@ -289,7 +289,8 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     server = server_of(request)
     asked = body.truncate_prompt_tokens
     truncate = truncation(server, True if asked == -1 else asked)
-    output = await encode(request, "embed", body.input, True, truncate, dimensions=body.dimensions, model=body.model)
+    output = await encode(request, "embed", body.input, True, truncate, dimensions=body.dimensions, model=body.model,
+                          param="input")
     vectors = output.data                                         # (n, dim) float32
     if body.encoding_format == "base64":
         vectors = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
