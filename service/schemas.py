@@ -591,14 +591,16 @@ class ClassifyParameters(Strict):
 
 
 class ClassifyRequest(Strict):
-    inputs: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+    inputs: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_EMBED_INPUTS)] \
+        = Field(description="a text or a list of up to 2,048 texts")
     candidate_labels: CandidateLabels | None = Field(
         None, description="zero-shot labels; null: the model's own classification head (a model "
         "without one needs labels: 422 otherwise)")
     truncate: bool | None = _truncate_field()
     truncation_direction: TruncationDirection = _direction_field()
     raw_scores: Literal[False] = Field(False, description="not supported: false")
-    parameters: ClassifyParameters | None = None
+    parameters: ClassifyParameters | None = Field(None, description="huggingface_hub's place for the "
+                                                  "options (candidate_labels given once)")
     model: str | None = _model_field("classifier")
 
     @field_validator("raw_scores", mode="before")
@@ -642,7 +644,7 @@ class RankedText(BaseModel):
 
 
 class RerankDocument(Strict):
-    text: NonEmptyText
+    text: NonEmptyText = Field(description="the document's text")
 
 
 class CohereRerankRequest(Strict):
@@ -703,7 +705,7 @@ class SimilarityInputs(Strict):
 class SimilarityParameters(Strict):
     """Where huggingface_hub's sentence_similarity puts options."""
     truncate: bool | None = _truncate_field()
-    truncation_direction: TruncationDirection | None = None
+    truncation_direction: TruncationDirection | None = Field(None, description="as top-level")
     prompt_name: Annotated[str, Field(min_length=1, max_length=256)] | None = _prompt_field()
 
 

@@ -1,8 +1,9 @@
 """Every encoder route through a real server with several encoders, with the client a user
 would pick: huggingface_hub's InferenceClient (feature_extraction, sentence_similarity,
-fill_mask), Cohere's SDK (Client and ClientV2 rerank), the openai SDK (embeddings with
-dimensions); each answer equal to its reference (sentence-transformers, transformers); bad
-input answered 4xx in the route family's error shape; the model chosen by `model`."""
+fill_mask, text_classification), Cohere's SDK (Client and ClientV2 rerank), the openai SDK
+(embeddings with dimensions); each answer equal to its reference (sentence-transformers,
+transformers); bad input answered 4xx in the route family's error shape; the model chosen by
+`model`; /docs describing every route and field."""
 from __future__ import annotations
 
 import httpx
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from huggingface_hub import InferenceClient
 from openai import OpenAI
-from service_helpers import API_KEY, EMBEDDING_MODEL, shared_server
+from service_helpers import API_KEY, EMBEDDING_MODEL, LABELS, shared_server, tiny_classifier
 
 from engine.loader import resolve_model_path
 
@@ -26,11 +27,12 @@ LONG_QUERY = "tell me everything about the history of the french capital " * 30
 @pytest.fixture(scope="module")
 def server(request, tiny_cross_encoder, tiny_splade, tiny_mlm):
     """MiniLM (embeddings, and a cosine reranker), a SPLADE model and a plain masked LM as
-    embedding models; the tiny cross-encoder as the default reranker."""
+    embedding models; the tiny cross-encoder as the default reranker; a tiny 3-label classifier."""
     return shared_server(request, "encoders", [
         "--model", "none", "--embedding-model", EMBEDDING_MODEL, "--embedding-model", f"splade={tiny_splade}",
         "--embedding-model", f"mlm={tiny_mlm}", "--reranker-model", f"cross={tiny_cross_encoder}",
-        "--reranker-model", EMBEDDING_MODEL], api_key=API_KEY)
+        "--reranker-model", EMBEDDING_MODEL, "--classifier-model", f"sentiment={tiny_classifier(request)}"],
+        api_key=API_KEY)
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +58,17 @@ def openai_error(r: httpx.Response, status: int) -> dict:
 
 def test_models_and_info_list_each_encoder_with_its_tasks(server):
     cards = {card["id"]: card for card in server.get("/v1/models").json()["data"]}
-    assert set(cards) == {EMBEDDING_MODEL, "splade", "mlm", "cross"}
+    assert set(cards) == {EMBEDDING_MODEL, "splade", "mlm", "cross", "sentiment"}
     assert cards[EMBEDDING_MODEL]["task"] == "embed"
-    assert set(cards[EMBEDDING_MODEL]["tasks"]) == {"embed", "similarity", "classify", "rerank"}
+    # a --classifier-model classifies: the embedding models no longer do (zero-shot)
+    assert set(cards[EMBEDDING_MODEL]["tasks"]) == {"embed", "similarity", "rerank"}
     assert (cards["splade"]["task"], set(cards["splade"]["tasks"])) == ("embed_sparse", {"embed_sparse", "fill_mask"})
-    assert set(cards["mlm"]["tasks"]) == {"embed", "similarity", "classify", "embed_sparse", "fill_mask"}
+    assert set(cards["mlm"]["tasks"]) == {"embed", "similarity", "embed_sparse", "fill_mask"}
     assert (cards["cross"]["task"], cards["cross"]["tasks"]) == ("rerank", ["rerank"])
+    assert (cards["sentiment"]["task"], cards["sentiment"]["tasks"]) == ("classify", ["classify"])
     info = server.get("/info").json()
-    assert (info["embedding_model_id"], info["reranker_model_id"]) == (EMBEDDING_MODEL, "cross")
+    assert (info["embedding_model_id"], info["reranker_model_id"], info["classifier_model_id"]) == \
+        (EMBEDDING_MODEL, "cross", "sentiment")
     models = {m["id"]: m for m in info["models"]}
     assert models["cross"]["rerank_scoring"] == "cross-encoder"
     assert models[EMBEDDING_MODEL]["rerank_scoring"] == "cosine"          # a bi-encoder reranks by cosine
@@ -243,3 +248,86 @@ def test_fill_mask_client_equals_the_pipeline(server, tiny_mlm):
     assert native_error(server.post("/fill_mask", json={"inputs": "no mask"}), 422).startswith("inputs")
     assert native_error(server.post("/fill_mask", json={"inputs": text, "top_k": 2, "parameters": {"top_k": 3}}),
                         422).startswith("body")
+
+
+# -- classification ---------------------------------------------------------------------------
+
+def test_text_classification_client_equals_the_pipeline(server, request):
+    path = tiny_classifier(request)
+    pipeline = transformers.pipeline("text-classification", model=path, tokenizer=path, device="cpu", top_k=None)
+    client = InferenceClient(base_url=server.url + "/classify", api_key=API_KEY)
+    for text in ("I love this", "the worst film of the year, by far"):
+        expected = pipeline([text])[0]               # every label's score
+        got = client.text_classification(text, top_k=3)
+        scores = {o.label: o.score for o in got}
+        assert set(scores) == set(LABELS) and [o.score for o in got] == sorted(scores.values(), reverse=True)
+        assert all(abs(scores[e["label"]] - e["score"]) < 1e-5 for e in expected)
+    assert server.metric("attnserve_requests_total", route="/classify", model="sentiment", status="200") >= 2
+    # One model serves the task: a name it does not know falls back to it (--strict-model-names: 404)
+    fallback = server.post("/classify", json={"inputs": "I love this", "model": "gpt-4o-mini"})
+    assert fallback.status_code == 200 and len(fallback.json()[0]) == len(LABELS)
+
+
+# -- refusals of the embedding routes ---------------------------------------------------------
+
+LONG_TEXT = "word " * 300                          # past MiniLM's 256 tokens (and the tiny models' 128)
+
+
+@pytest.mark.parametrize("route, body, status, field", [
+    ("/embed", {"inputs": []}, 422, "inputs"),
+    ("/embed", {"inputs": ["a sentence"] * 10_000}, 422, "inputs"),
+    ("/embed", {"inputs": LONG_TEXT}, 400, None),
+    ("/embed", {"inputs": "x", "model": "nope"}, 404, None),
+    ("/similarity", {"inputs": {"source_sentence": "x", "sentences": ["a"] * 10_000}}, 422, "inputs.sentences"),
+    ("/similarity", {"inputs": {"source_sentence": LONG_TEXT, "sentences": ["a"]}}, 400, None),
+    ("/similarity", {"inputs": {"source_sentence": "x", "sentences": ["a"]}, "model": "nope"}, 404, None),
+    ("/embed_sparse", {"inputs": []}, 422, "inputs"),
+    ("/embed_sparse", {"inputs": ["a sentence"] * 10_000}, 422, "inputs"),
+    ("/embed_sparse", {"inputs": LONG_TEXT}, 400, None),
+    ("/embed_sparse", {"inputs": "x", "model": "nope"}, 404, None),
+    ("/fill_mask", {"inputs": []}, 422, "inputs"),
+    ("/fill_mask", {"inputs": ["a [MASK]."] * 10_000}, 422, "inputs"),
+    ("/fill_mask", {"inputs": LONG_TEXT + "[MASK]"}, 400, None),
+    ("/fill_mask", {"inputs": "a [MASK].", "model": "nope"}, 404, None),
+    ("/classify", {"inputs": []}, 422, "inputs"),
+    ("/classify", {"inputs": ["a sentence"] * 10_000}, 422, "inputs"),
+    ("/classify", {"inputs": LONG_TEXT}, 400, None),
+    ("/classify", {"inputs": "x", "model": "cross"}, 404, None),     # served, for another task
+])
+def test_embedding_route_refusals(server, route, body, status, field):
+    message = native_error(server.post(route, json=body), status)
+    assert field is None or message.startswith(field), message
+    if status == 400:
+        assert "truncate" in message, message
+    if status == 404:
+        assert body["model"] in message, message
+
+
+@pytest.mark.parametrize("body, status, field", [
+    ({"input": []}, 422, "input"),
+    ({"input": ["a sentence"] * 10_000}, 422, "input"),
+    ({"input": LONG_TEXT}, 400, "input"),
+    ({"input": "x", "model": "nope"}, 404, "model"),
+    ({"input": "x", "dimensions": 0}, 422, "dimensions"),
+])
+def test_openai_embeddings_refusals(server, body, status, field):
+    error = openai_error(server.post("/v1/embeddings", json=body), status)
+    assert error["param"] == field, error
+
+
+# -- /docs ------------------------------------------------------------------------------------
+
+ENCODER_ROUTES = ("/embed", "/classify", "/rerank", "/similarity", "/embed_sparse", "/fill_mask",
+                  "/v1/embeddings", "/v1/rerank", "/v2/rerank")
+
+
+def test_docs_describe_every_encoder_route_and_field(server):
+    spec = server.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    assert server.get("/docs").status_code == 200
+    for route in ENCODER_ROUTES:
+        operation = spec["paths"][route]["post"]
+        assert operation.get("summary") or operation.get("description"), route
+        ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        for name, field in schemas[ref.rsplit("/", 1)[1]]["properties"].items():
+            assert field.get("description"), f"{route}: {name} has no description"
