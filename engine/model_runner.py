@@ -18,6 +18,7 @@ from engine.layers.attention import (Attention, AttentionBackend, AttnMetadata, 
 from engine.layers.cpu_attention import CpuPagedAttention
 from engine.models import CausalLM
 from engine.scheduler import ScheduledBatch
+from engine.seq2seq import Seq2SeqMetadata, build_seq2seq_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,12 @@ _GPU_MEMORY_UTILIZATION = 0.85
 
 def select_backend(config: ModelConfig, device: torch.device) -> AttentionBackend:
     """The one place the attention implementation is chosen: Triton kernels on CUDA when the
-    head size suits them, our C++ op on a CPU when it builds, the PyTorch reference elsewhere."""
+    head size suits them, our C++ op on a CPU when it builds, the PyTorch reference elsewhere.
+    Encoder-decoder models (T5) add a relative position bias no kernel takes: the reference's
+    cache layout on every device (engine/layers/relative_position.py)."""
+    if config.is_encoder_decoder:
+        logger.info("attention: TorchAttention layout with T5's position bias (encoder-decoder)")
+        return TorchAttention()
     if device.type == "cuda":
         from engine.layers import triton_attention  # CPU-only installs never import triton
         if triton_attention.supports_head_dim(config.head_dim):
@@ -128,7 +134,8 @@ class ModelRunner:
         axis = 2 + self.backend.block_axis                  # past the (K/V, layer) axes
         self.kv_cache.index_copy_(axis, targets, self.kv_cache.index_select(axis, sources))
 
-    def prepare_inputs(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
+    def prepare_inputs(self, batch: ScheduledBatch
+                       ) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata | Seq2SeqMetadata]:
         token_ids: list[int] = []
         positions: list[int] = []
         seq_lens = []
@@ -141,5 +148,7 @@ class ModelRunner:
             batch.num_new_tokens, seq_lens, [seq.block_table for seq in batch.seqs],
             self.block_size, self.device, causal=True,
             sliding_window=self.model_config.sliding_window)
+        if self.model_config.is_encoder_decoder:       # the step's encoder inputs and cross blocks
+            meta = build_seq2seq_metadata(batch, meta, self.block_size, self.device)
         return (torch.tensor(token_ids, dtype=torch.long, device=self.device),
                 torch.tensor(positions, dtype=torch.long, device=self.device), meta)
