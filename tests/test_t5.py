@@ -13,7 +13,7 @@ import random
 
 import pytest
 import torch
-from conftest import T5_VARIANTS, save_tiny_t5_checkpoint, tiny_t5_model
+from conftest import T5_VARIANTS, make_scheduler, save_tiny_t5_checkpoint, tiny_t5_model
 from safetensors.torch import load_file, save_file
 from test_engine import make_engine, run_with_random_arrivals
 
@@ -23,7 +23,9 @@ from engine.errors import PromptTooLongError
 from engine.layers.attention import Attention, build_attn_metadata, build_cross_attn_metadata
 from engine.llm_engine import LLM
 from engine.loader import CheckpointError, build_model, open_checkpoint
+from engine.kv_cache import BlockManager
 from engine.seq2seq import Seq2SeqMetadata
+from engine.sequence import Sequence, SequenceStatus
 
 VARIANTS = list(T5_VARIANTS)
 # Encoder inputs and decoder inputs of different lengths; the longest pass 20 (the small
@@ -263,3 +265,82 @@ def test_text_in_text_out_with_the_t5_tokenizer(tiny_t5_checkpoints):
     assert out.prompt_token_ids[-1] == 1                                # </s>
     assert out.token_ids == hf_greedy(tiny_t5_model("flan_t5"), out.prompt_token_ids, 16)
     assert out.text == llm.tokenizer.decode(out.token_ids)
+
+
+# -- the scheduler and block manager, no model ----------------------------------------------
+
+def t5_seq(seq_id: int, num_encoder_tokens: int, decoder_ids=(0,), max_tokens: int = 16) -> Sequence:
+    return Sequence(seq_id, f"r{seq_id}", list(decoder_ids), 1, max_tokens,
+                    encoder_token_ids=[100 + seq_id * 1000 + i for i in range(num_encoder_tokens)])
+
+
+def test_cross_blocks_come_with_admission_and_go_with_the_sequence():
+    scheduler = make_scheduler(num_blocks=16, block_size=4)
+    seq = t5_seq(0, 10)
+    scheduler.add(seq)
+    batch = scheduler.schedule()
+    assert batch.encoder_seqs == [seq] and batch.num_new_tokens == [1]
+    assert len(seq.cross_block_table) == 3 and len(seq.block_table) == 1
+    assert not set(seq.cross_block_table) & set(seq.block_table)
+    scheduler.after_step(batch)
+    seq.append_token(7)
+    assert scheduler.schedule().encoder_seqs == []                   # decodes read what is there
+    scheduler.finish(seq, SequenceStatus.FINISHED_LENGTH)
+    assert scheduler.block_manager.num_free_blocks == 16 and seq.cross_block_table == []
+
+
+def test_an_encoder_input_runs_whole_in_the_budget_or_first_and_alone():
+    scheduler = make_scheduler(num_blocks=64, block_size=4, max_num_batched_tokens=16)
+    a, b, long = t5_seq(0, 10), t5_seq(1, 10), t5_seq(2, 40)
+    for seq in (a, b, long):
+        scheduler.add(seq)
+    def step():
+        batch = scheduler.schedule()
+        scheduler.after_step(batch)
+        for seq, _ in batch.samples:
+            seq.append_token(5)
+        return batch
+    first = step()                                                   # a: 1 + 10 tokens; b would overdraw
+    assert first.encoder_seqs == [a]
+    second = step()                                                  # a decodes; b's 11 fit the 15 left
+    assert second.encoder_seqs == [b] and second.seqs == [a, b]
+    third = step()                                                   # 40 > 14 left: alone, as the first prompt work
+    assert third.encoder_seqs == [long] and third.seqs == [a, b, long]
+
+
+def test_preemption_frees_the_cross_blocks_and_readmission_encodes_again():
+    scheduler = make_scheduler(num_blocks=8, block_size=4, max_num_batched_tokens=32)
+    old, new = t5_seq(0, 12, max_tokens=30), t5_seq(1, 12, max_tokens=30)
+    for seq in (old, new):
+        scheduler.add(seq)
+    batch = scheduler.schedule()
+    assert batch.encoder_seqs == [old, new]                          # 2 x (3 cross + 1) blocks: all 8
+    scheduler.after_step(batch)
+    for seq in (old, new):
+        seq.append_token(5)
+    for _ in range(4):                                               # position 4 needs a fifth block each
+        batch = scheduler.schedule()
+        scheduler.after_step(batch)
+        for seq, _ in batch.samples:
+            seq.append_token(5)
+    assert new.num_preemptions == 1 and new.cross_block_table == [] and new in scheduler.waiting
+    scheduler.finish(old, SequenceStatus.FINISHED_LENGTH)
+    again = scheduler.schedule()
+    # Its encoder runs again; its full decoder block survived in the prefix cache (hashed from
+    # its encoder input), so only the last decoder token is recomputed.
+    assert again.encoder_seqs == [new] and again.num_new_tokens == [1] and new.num_computed_tokens == 4
+    assert len(new.cross_block_table) == 3
+
+
+def test_decoder_blocks_are_shared_only_under_the_same_encoder_input():
+    manager = BlockManager(32, 4)
+    decoder = [0, 5, 6, 7, 8, 9, 10, 11, 12]
+    first = t5_seq(0, 6, decoder)
+    manager.allocate(first, len(decoder))
+    first.num_computed_tokens = len(decoder)
+    manager.cache_computed_blocks(first)
+    other_input = t5_seq(1, 6, decoder)
+    same_input = t5_seq(2, 6, decoder)
+    same_input.encoder_token_ids = list(first.encoder_token_ids)
+    assert manager.find_cached_prefix(other_input) == []
+    assert manager.find_cached_prefix(same_input) == first.block_table[:2]
