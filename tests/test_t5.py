@@ -344,3 +344,35 @@ def test_decoder_blocks_are_shared_only_under_the_same_encoder_input():
     same_input.encoder_token_ids = list(first.encoder_token_ids)
     assert manager.find_cached_prefix(other_input) == []
     assert manager.find_cached_prefix(same_input) == first.block_table[:2]
+
+
+# -- other dtypes and quantized weights ----------------------------------------------------------
+
+def test_bfloat16_stays_close_to_float32(tiny_t5_checkpoints):
+    """The bias tables and their -inf masks in bf16 too: the first step's logits close to fp32."""
+    prompt = [5, 17, 42, 8, 99, 3, 1]
+
+    def first_logits(dtype):
+        engine = make_engine(tiny_t5_checkpoints["flan_t5"], dtype=dtype)
+        engine.add_request("r", prompt, SamplingParams(max_tokens=1))
+        batch = engine.scheduler.schedule()
+        return engine.runner.execute(batch).float()
+    exact, low = first_logits("float32"), first_logits("bfloat16")
+    assert (low - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_t5_runs_batched_as_alone(mode, tiny_t5_checkpoints):
+    """Every linear quantized (the tied head from the shared embedding): a request's tokens beside
+    others and under preemption are what it gets alone."""
+    path = tiny_t5_checkpoints["t5"]
+    rng = random.Random(2)
+    requests = {f"r{i}": ([rng.randrange(3, 300) for _ in range(n)] + [1],
+                          SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)) for i, n in enumerate((3, 25, 12))}
+    crowded = make_engine(path, num_kv_blocks=20, quantization=mode)
+    assert crowded.quantization_summary.mode == mode and crowded.quantization_summary.lm_head == "Q8_0"
+    batched = run_with_random_arrivals(crowded, requests, seed=1)
+    assert crowded.scheduler.num_preemptions > 0
+    alone = make_engine(path, quantization=mode)
+    for request_id, request in requests.items():
+        assert run_with_random_arrivals(alone, {request_id: request}, seed=0)[request_id] == batched[request_id]
