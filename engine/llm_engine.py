@@ -92,7 +92,7 @@ class LLMEngine:
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
                                    self.config.max_num_batched_tokens, self._max_prefill_tokens())
-        self.sampler = Sampler(self.config.seed)
+        self.sampler = Sampler(self.config.seed, self.runner.cpu_kernels)
         self.max_model_len = self._decide_max_model_len()
         self.max_encoder_len = self._decide_encoder_len() if self.model_config.is_encoder_decoder else 0
         self.limits = GenerationLimits(
