@@ -30,8 +30,9 @@ _GPU_MEMORY_UTILIZATION = 0.85
 def select_backend(config: ModelConfig, device: torch.device) -> AttentionBackend:
     """The one place the attention implementation is chosen: Triton kernels on CUDA when the
     head size suits them, our C++ op on a CPU when it builds, the PyTorch reference elsewhere.
-    Encoder-decoder models (T5) add a relative position bias no kernel takes: the reference's
-    cache layout on every device (engine/layers/relative_position.py)."""
+    Encoder-decoder models (T5) run on the reference's cache layout on every device: they add
+    a learned relative position bias to every score, which neither the C++ op nor the Triton
+    kernels take (engine/layers/relative_position.py)."""
     if config.is_encoder_decoder:
         logger.info("attention: TorchAttention layout with T5's position bias (encoder-decoder)")
         return TorchAttention()
@@ -59,12 +60,21 @@ class ModelRunner:
         self.block_size = engine_config.block_size
         self.num_blocks = self._decide_num_blocks()
         self.backend = select_backend(model_config, device)
-        # Our CPU kernels, when the attention runs on them: the small ops go fused too.
-        self.cpu_kernels = self.backend.ops if isinstance(self.backend, CpuPagedAttention) else None
+        self.cpu_kernels = self._cpu_kernels()
         if self.cpu_kernels is not None:
             logger.info("fused CPU ops: %d modules", use_fused_ops(model, self.cpu_kernels))
         self.kv_cache = self._allocate_kv_cache()
         self.graphs = None                  # DecodeGraphs once captured (CUDA only)
+
+    def _cpu_kernels(self):
+        """Our CPU kernels when this runner uses them, for the small ops and the sampler: with
+        the C++ attention op; and for an encoder-decoder on a CPU, whose attention stays the
+        reference (the op takes no position bias) while its norms can still run fused."""
+        if isinstance(self.backend, CpuPagedAttention):
+            return self.backend.ops
+        if self.model_config.is_encoder_decoder and self.device.type == "cpu":
+            return kernels.load()
+        return None
 
     @property
     def bytes_per_block(self) -> int:

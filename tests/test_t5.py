@@ -17,10 +17,12 @@ from conftest import T5_VARIANTS, make_scheduler, save_tiny_t5_checkpoint, tiny_
 from safetensors.torch import load_file, save_file
 from test_engine import make_engine, run_with_random_arrivals
 
-from engine import SamplingParams
+from engine import SamplingParams, kernels
 from engine.config import ModelConfig, UnsupportedModelError
 from engine.errors import PromptTooLongError
-from engine.layers.attention import Attention, build_attn_metadata, build_cross_attn_metadata
+from engine.layers.attention import Attention, TorchAttention, build_attn_metadata, build_cross_attn_metadata
+from engine.layers.fused import FusedRMSNorm
+from engine.layers.norm import RMSNorm
 from engine.llm_engine import LLM
 from engine.loader import CheckpointError, build_model, open_checkpoint
 from engine.kv_cache import BlockManager
@@ -144,6 +146,10 @@ def test_engine_steps_compute_what_a_full_forward_computes(variant, tiny_t5_chec
     """Every step's logits, batched with other requests, equal transformers' over the same
     encoder input and decoder tokens (a preempted sequence's recompute included)."""
     engine = make_engine(tiny_t5_checkpoints[variant], num_kv_blocks=22, max_num_batched_tokens=16)
+    assert isinstance(engine.runner.backend, TorchAttention)          # the op takes no position bias
+    if kernels.load() is not None:                                     # but the norms run fused
+        norms = [m for m in engine.runner.model.modules() if isinstance(m, (RMSNorm, FusedRMSNorm))]
+        assert norms and all(isinstance(m, FusedRMSNorm) for m in norms)
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 300) for _ in range(n)] + [1] for n in (5, 30, 1, 17)]
     for i, prompt in enumerate(prompts):

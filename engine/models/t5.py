@@ -35,8 +35,8 @@ from engine.config import ModelConfig
 from engine.layers.activations import activation
 from engine.layers.attention import Attention, AttnMetadata, padded_attention, write_kv_cache
 from engine.layers.linear import MergedLinear
+from engine.layers.norm import RMSNorm
 from engine.layers.relative_position import biased_attention, group_biases
-from engine.models.llama import RMSNorm
 from engine.seq2seq import Seq2SeqMetadata
 
 # Checkpoint names -> ours where they differ: the cross-attention's q stays apart and its k/v
