@@ -94,8 +94,9 @@ def starvation(url: str, max_tokens: int) -> dict:
     def small_client() -> None:
         body = {"inputs": "Hi", "parameters": {"max_new_tokens": 4}}
         with httpx.Client(timeout=600) as client:
-            time.sleep(1.0)                              # the big request is admitted first
-            while not stop.is_set():
+            while not stop.is_set() and client.get(url + "/info").json()["num_requests_running"] == 0:
+                time.sleep(0.01)                         # the big request is admitted first
+            while not small_s or not stop.is_set():
                 started = time.perf_counter()
                 client.post(url + "/generate", json=body).raise_for_status()
                 small_s.append(time.perf_counter() - started)
@@ -107,8 +108,7 @@ def starvation(url: str, max_tokens: int) -> dict:
     thread.join()
     return {"sequences": max_num_seqs, "tokens": tokens, "big_alone_tok_s": tokens / alone_s,
             "big_shared_tok_s": tokens / shared_s, "small_requests": len(small_s),
-            "small_p50_s": statistics.median(small_s) if small_s else None,
-            "small_max_s": max(small_s) if small_s else None}
+            "small_p50_s": statistics.median(small_s), "small_max_s": max(small_s)}
 
 
 def measure(url: str, args) -> None:
