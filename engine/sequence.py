@@ -44,6 +44,10 @@ class Sequence:
     siblings: list["Sequence"] = field(default_factory=list)  # forked off this one after its prefill
     sampling_state: Any = None           # the engine's per-sequence sampling state (e.g. its RNG)
     group_id: str = ""                   # the client request it belongs to (fairness); "": its own
+    # Encoder-decoder models: the encoder's input (the prompt; token_ids are the decoder's,
+    # from its start token) and the blocks holding its output's K/V. Empty for decoder-only.
+    encoder_token_ids: list[int] = field(default_factory=list)
+    cross_block_table: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         self.group_id = self.group_id or self.request_id
@@ -63,6 +67,10 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_encoder_tokens(self) -> int:
+        return len(self.encoder_token_ids)
 
     @property
     def num_uncomputed_tokens(self) -> int:
