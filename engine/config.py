@@ -20,6 +20,7 @@ FAMILIES = {
     "mixtral": "moe",
     "qwen2_moe": "moe",
     "olmoe": "moe",
+    "t5": "t5",
 }
 
 
@@ -82,6 +83,15 @@ class ModelConfig:
     dense_layers: tuple[int, ...] = ()   # Qwen2-MoE: layers with a plain MLP instead of experts
     qk_norm: bool = False                # OLMoE: RMSNorm over the whole q and k projections
     clip_qkv: float | None = None        # OLMoE: q, k, v clamped to [-clip_qkv, clip_qkv]
+    # Encoder-decoder (the "t5" family). num_layers counts the decoder's layers (those the KV
+    # pool holds); the encoder input length is capped at max_position_embeddings.
+    is_encoder_decoder: bool = False
+    num_encoder_layers: int = 0
+    decoder_start_token_id: int | None = None    # the decoder's first input (T5: the pad id)
+    gated_mlp: bool = False                      # T5 v1.1 / Flan-T5: act(wi_0 x) * wi_1 x
+    relative_attention_num_buckets: int = 0      # relative position buckets (T5's bias)
+    relative_attention_max_distance: int = 0     # distances past it share the last bucket
+    scale_decoder_outputs: bool = False          # T5 v1.0: hidden * d_model**-0.5 before the head
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -95,6 +105,8 @@ class ModelConfig:
             raise ValueError(f"sliding_window must be > 0, got {self.sliding_window}")
         if self.num_experts:
             _check_experts(self)
+        if self.is_encoder_decoder:
+            _check_encoder_decoder(self)
 
     @property
     def family(self) -> str:
@@ -114,7 +126,7 @@ class ModelConfig:
                 f"model_type {model_type!r} ({archs}) is not supported; supported model types: "
                 f"{', '.join(sorted(FAMILIES))}")
         architecture = (hf.get("architectures") or [_default_architecture(model_type)])[0]
-        builder = {"gpt2": _gpt2_fields, "bert": _bert_fields, "moe": _moe_fields}.get(
+        builder = {"gpt2": _gpt2_fields, "bert": _bert_fields, "moe": _moe_fields, "t5": _t5_fields}.get(
             FAMILIES[model_type], _llama_fields)
         return cls(model_type=model_type, architecture=architecture, **builder(hf),
                    **_token_fields(hf), dtype=hf.get("torch_dtype") or hf.get("dtype"))
@@ -124,7 +136,7 @@ def _default_architecture(model_type: str) -> str:
     return {"gpt2": "GPT2LMHeadModel", "bert": "BertModel", "llama": "LlamaForCausalLM",
             "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-            "olmoe": "OlmoeForCausalLM"}[model_type]
+            "olmoe": "OlmoeForCausalLM", "t5": "T5ForConditionalGeneration"}[model_type]
 
 
 def _token_fields(hf: dict[str, Any]) -> dict[str, Any]:
@@ -216,6 +228,52 @@ def _check_experts(config: "ModelConfig") -> None:
         raise ValueError(f"config moe_intermediate_size must be > 0, got {config.moe_intermediate_size}")
     if config.clip_qkv is not None and config.clip_qkv <= 0:
         raise ValueError(f"clip_qkv must be > 0, got {config.clip_qkv}")
+
+
+def _t5_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """T5 v1.0 (ReLU FFN, tied head read at d_model**-0.5) and v1.1 / Flan-T5 (gated-GELU,
+    untied head, no rescale), in transformers 4's and 5's spellings.
+
+    transformers 5 writes tie_word_embeddings: true for every T5 and keeps the v1.0 rescale as
+    scale_decoder_outputs; a head of its own is then only seen as lm_head.weight in the
+    checkpoint, so the loader settles tie_word_embeddings from the weights
+    (engine/loader.py)."""
+    architectures = hf.get("architectures") or ["T5ForConditionalGeneration"]
+    if architectures[0] != "T5ForConditionalGeneration":
+        raise UnsupportedModelError(f"t5 architecture {architectures[0]!r} is not supported "
+                                    "(supported: T5ForConditionalGeneration)")
+    act = hf.get("feed_forward_proj", "relu").split("-")
+    if len(act) > 2 or (len(act) == 2 and act[0] != "gated"):
+        raise UnsupportedModelError(f"t5 feed_forward_proj {hf['feed_forward_proj']!r} is not supported "
+                                    "(expected 'ACT' or 'gated-ACT')")
+    hidden_act = "gelu_new" if act == ["gated", "gelu"] else act[-1]
+    tied = hf.get("tie_word_embeddings", True) is not False
+    start = hf.get("decoder_start_token_id")
+    return dict(
+        vocab_size=hf["vocab_size"], hidden_size=hf["d_model"],
+        num_layers=hf.get("num_decoder_layers") or hf["num_layers"], num_encoder_layers=hf["num_layers"],
+        num_heads=hf["num_heads"], num_kv_heads=hf["num_heads"], head_dim=hf["d_kv"],
+        intermediate_size=hf["d_ff"], max_position_embeddings=hf.get("n_positions") or 512,
+        norm_eps=hf.get("layer_norm_epsilon", 1e-6), hidden_act=hidden_act, gated_mlp=len(act) == 2,
+        tie_word_embeddings=tied, scale_decoder_outputs=hf.get("scale_decoder_outputs", tied),
+        is_encoder_decoder=True,
+        decoder_start_token_id=start if start is not None else hf.get("pad_token_id", 0),
+        relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_attention_max_distance=hf.get("relative_attention_max_distance", 128))
+
+
+def _check_encoder_decoder(config: "ModelConfig") -> None:
+    if config.decoder_start_token_id is None or not 0 <= config.decoder_start_token_id < config.vocab_size:
+        raise ValueError(f"decoder_start_token_id must be a token id in [0, {config.vocab_size}), "
+                         f"got {config.decoder_start_token_id}")
+    if config.num_encoder_layers <= 0:
+        raise ValueError(f"config num_encoder_layers must be > 0, got {config.num_encoder_layers}")
+    # Buckets split in exact and logarithmic halves (the encoder's halved again by direction):
+    # each part needs a bucket, and the logarithmic part a range beyond the exact one.
+    buckets, distance = config.relative_attention_num_buckets, config.relative_attention_max_distance
+    if buckets < 4 or distance <= buckets // 2:
+        raise ValueError("relative_attention_num_buckets must be >= 4 and relative_attention_max_distance "
+                         f"above half of it, got {buckets} and {distance}")
 
 
 def _bert_fields(hf: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """A `tokenizers.Tokenizer` built from a bare vocabulary: GGUF metadata, a sentencepiece model
-or a WordPiece vocab.txt.
+(Llama's BPE `tokenizer.model`, T5's Unigram `spiece.model`) or a WordPiece vocab.txt.
 
 A GGUF file carries no tokenizer.json, only llama.cpp's description of one: the token strings,
 their types, and either BPE merges (`tokenizer.ggml.model == "gpt2"`, byte-level) or
@@ -147,6 +147,39 @@ def sentencepiece_metadata(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
+def t5_tokenizer(path: str | os.PathLike, extra_ids: int) -> tuple[Tokenizer, dict[str, str]]:
+    """T5's `spiece.model` (sentencepiece Unigram) as transformers' T5Tokenizer builds it, with
+    its named special tokens ({"eos_token": "</s>", ...}).
+
+    The pieces keep their ids and scores; `extra_ids` sentinels follow at the top of the
+    vocabulary in reverse (<extra_id_0> is the last id), special tokens like the control pieces
+    (<pad>, </s>). Text is normalized by the model's own rules (its precompiled charsmap), cut
+    at whitespace, each word marked with "▁", and `</s>` is appended (no BOS)."""
+    processor = sentencepiece.SentencePieceProcessor(model_file=os.fspath(path))
+    proto = _sentencepiece_proto_facts(processor.serialized_model_proto())
+    if proto["model_type"] != _SPM_UNIGRAM:
+        raise ValueError(f"{path}: a T5 spiece.model is a Unigram sentencepiece model, this one has "
+                         f"model_type {proto['model_type']}")
+    num_pieces = processor.get_piece_size()
+    pieces = [processor.id_to_piece(i) for i in range(num_pieces)]
+    sentinels = [f"<extra_id_{i}>" for i in range(extra_ids - 1, -1, -1)]
+    vocab = [(piece, processor.get_score(i)) for i, piece in enumerate(pieces)] + [(s, 0.0) for s in sentinels]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=processor.unk_id(), byte_fallback=False))
+    if proto["precompiled_charsmap"]:
+        tokenizer.normalizer = normalizers.Precompiled(proto["precompiled_charsmap"])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement=SPACE_MARKER, prepend_scheme="always", split=True)])
+    tokenizer.decoder = decoders.Metaspace(replacement=SPACE_MARKER, prepend_scheme="always", split=True)
+    eos = pieces[processor.eos_id()]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=["$A", eos], pair=["$A", eos, "$B", eos], special_tokens=[(eos, processor.eos_id())])
+    _add_typed_tokens(tokenizer, pieces, proto["piece_types"])
+    tokenizer.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in reversed(sentinels)])
+    ids = {"eos_token": processor.eos_id(), "unk_token": processor.unk_id(), "pad_token": processor.pad_id()}
+    return tokenizer, {name: pieces[i] for name, i in ids.items() if i >= 0}
+
+
 def wordpiece_tokenizer(vocab_file: str | os.PathLike, special_tokens: dict[str, str],
                         config: dict[str, Any]) -> Tokenizer:
     """BERT's tokenizer from its vocab.txt (one token per line, the line number is its id), with
@@ -168,20 +201,24 @@ def wordpiece_tokenizer(vocab_file: str | os.PathLike, special_tokens: dict[str,
 
 # --- the few facts `SentencePieceProcessor` does not expose, read from the model's protobuf ---
 # (ModelProto: 1 pieces {1 piece, 2 score, 3 type}, 2 trainer_spec {3 model_type},
-#  3 normalizer_spec {3 add_dummy_prefix}). protobuf is not one of our dependencies.
+#  3 normalizer_spec {2 precompiled_charsmap, 3 add_dummy_prefix}). protobuf is not one of our
+#  dependencies.
 
 _SPM_UNIGRAM, _SPM_BPE = 1, 2
 
 
 def _sentencepiece_proto_facts(serialized: bytes) -> dict[str, Any]:
-    facts = {"model_type": _SPM_UNIGRAM, "add_dummy_prefix": True, "piece_types": []}
+    facts = {"model_type": _SPM_UNIGRAM, "add_dummy_prefix": True, "piece_types": [],
+             "precompiled_charsmap": b""}
     for field, value in _proto_fields(serialized):
         if field == 1:
             facts["piece_types"].append(dict(_proto_fields(value)).get(3, NORMAL))
         elif field == 2:
             facts["model_type"] = dict(_proto_fields(value)).get(3, _SPM_UNIGRAM)
         elif field == 3:
-            facts["add_dummy_prefix"] = bool(dict(_proto_fields(value)).get(3, True))
+            spec = dict(_proto_fields(value))
+            facts["add_dummy_prefix"] = bool(spec.get(3, True))
+            facts["precompiled_charsmap"] = spec.get(2, b"")
     return facts
 
 

@@ -11,12 +11,15 @@ fails, `load()` returns None and every caller keeps its PyTorch reference path.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
 import os
 import shutil
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 from engine.device import cpu_features
 
@@ -61,14 +64,26 @@ def _build(kind: str) -> ModuleType | None:
     build_dir = _writable(_build_dir() / kind)
     flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast", *_KIND_FLAGS[kind]]
     try:
-        module = cpp_extension.load(
-            name=f"attnserve_kernels_{kind}", sources=sources, extra_cflags=flags,
-            extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+        with _build_lock(build_dir):
+            module = cpp_extension.load(
+                name=f"attnserve_kernels_{kind}", sources=sources, extra_cflags=flags,
+                extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
     except Exception:                       # a broken toolchain must not take the server down
         logger.exception("building the %s CPU kernels failed: the PyTorch reference paths run", kind)
         return None
     logger.info("CPU kernels: %s build loaded", kind)
     return module
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """Serialize builds with an flock (the kernel drops it when its holder dies), then clear
+    torch's own lock file: a build killed mid-way leaves that file behind, and torch would wait
+    on it forever. Holding the flock, nobody else can be building."""
+    with open(build_dir / "attnserve.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        yield
 
 
 def _build_dir() -> Path:

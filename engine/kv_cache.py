@@ -4,7 +4,13 @@ Invariants (checked by the property tests):
 - every block is either free (ref count 0, in `free_blocks`) or referenced (ref count =
   the number of block tables holding it), never both;
 - a block in the prefix cache holds exactly the tokens its hash names. Its hash chains over
-  every earlier block of the sequence: hash((parent hash, block tokens)).
+  every earlier block of the sequence: hash((parent hash, block tokens)). An encoder-decoder
+  sequence's chain starts from its encoder input (decoder K/V depend on it), so two requests
+  share decoder blocks only when they encode the same input.
+
+An encoder-decoder sequence also owns `cross_block_table`: blocks for its encoder output's K/V,
+taken with its first decoder block (all or nothing) and freed with the rest. They are never
+cached: they go back at the front of the free list, to be reused before any cached block.
 
 Freed blocks keep their cached contents and sit in `free_blocks` in least-recently-freed
 order; a new allocation takes the oldest and only then forgets what it held (LRU eviction).
@@ -80,7 +86,8 @@ class BlockManager:
 
     def _hash_full_blocks(self, seq: Sequence) -> None:
         size = self.block_size
-        parent = seq.block_hashes[-1] if seq.block_hashes else _ROOT_HASH
+        root = hash(tuple(seq.encoder_token_ids)) if seq.encoder_token_ids else _ROOT_HASH
+        parent = seq.block_hashes[-1] if seq.block_hashes else root
         for i in range(len(seq.block_hashes), seq.num_tokens // size):
             parent = hash((parent, tuple(seq.token_ids[i * size: (i + 1) * size])))
             seq.block_hashes.append(parent)
@@ -97,11 +104,12 @@ class BlockManager:
         """
         num_tokens = seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
         num_new_blocks = self.blocks_needed(num_tokens) - len(seq.block_table) - len(cached)
+        num_cross_blocks = self.num_missing_cross_blocks(seq)
         needs_copy = self._needs_copy_on_write(seq, num_new_tokens)
         claimed_free = sum(1 for b in cached if self.ref_counts[b] == 0)
         if needs_copy and copies is None:
             raise ValueError("a copy-on-write needs a `copies` list")
-        if max(num_new_blocks, 0) + claimed_free + needs_copy > self.num_free_blocks:
+        if max(num_new_blocks, 0) + num_cross_blocks + claimed_free + needs_copy > self.num_free_blocks:
             return False
         if needs_copy:
             source = seq.block_table[-1]
@@ -114,7 +122,13 @@ class BlockManager:
             self.ref_counts[block] += 1
         seq.block_table.extend(cached)
         seq.block_table.extend(self._take_free_block() for _ in range(num_new_blocks))
+        seq.cross_block_table.extend(self._take_free_block() for _ in range(num_cross_blocks))
         return True
+
+    def num_missing_cross_blocks(self, seq: Sequence) -> int:
+        """Blocks an encoder-decoder sequence still needs for its encoder output: all of them
+        until it is first given blocks, none after (0 for decoder-only sequences)."""
+        return 0 if seq.cross_block_table else self.blocks_needed(seq.num_encoder_tokens)
 
     def _needs_copy_on_write(self, seq: Sequence, num_new_tokens: int) -> bool:
         partial = seq.num_computed_tokens % self.block_size
@@ -135,8 +149,11 @@ class BlockManager:
         """child shares every block of parent (n > 1 completions of one prompt)."""
         for block in parent.block_table:
             self.ref_counts[block] += 1
+        for block in parent.cross_block_table:
+            self.ref_counts[block] += 1
         child.block_table = list(parent.block_table)
         child.block_hashes = list(parent.block_hashes)
+        child.cross_block_table = list(parent.cross_block_table)
 
     def free(self, seq: Sequence) -> None:
         # Tail blocks are freed first so they are evicted before the prefix others may share.
@@ -145,6 +162,12 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 self.free_blocks[block] = None
         seq.block_table = []
+        for block in seq.cross_block_table:             # nothing cached: reused first
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+                self.free_blocks.move_to_end(block, last=False)
+        seq.cross_block_table = []
 
     def reset_prefix_cache(self) -> None:
         for block, block_hash in enumerate(self.block_hash):

@@ -24,15 +24,29 @@ class GenerationLimits:
     device: str                          # "cpu", "cuda:0", ...
     dtype: str                           # "float32", "bfloat16", ...
     quantization: str = "none"           # what the weights run as, in words
+    # Encoder-decoder models (T5): the prompt is the encoder's input, capped on its own;
+    # max_model_len counts the decoder's tokens (its start token and the generated ones).
+    # 0: a decoder-only model, whose prompt and output share max_model_len.
+    max_encoder_len: int = 0
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.max_encoder_len > 0
 
     @property
     def max_prompt_len(self) -> int:
+        if self.is_encoder_decoder:
+            return self.max_encoder_len
         return self.max_model_len - 1    # at least one token is generated
 
     def validate_prompt(self, prompt_ids: Sequence[int], param: str = "prompt") -> None:
         """Raises InvalidParameter (empty, ids outside the vocabulary) or PromptTooLongError."""
         if not prompt_ids:
             raise InvalidParameter(param, "the prompt is empty: it must contain at least one token")
+        if self.is_encoder_decoder and len(prompt_ids) > self.max_prompt_len:
+            raise PromptTooLongError(
+                param, f"the prompt has {len(prompt_ids)} tokens but this encoder-decoder model encodes "
+                f"at most {self.max_prompt_len} prompt tokens", len(prompt_ids), self.max_prompt_len)
         if len(prompt_ids) > self.max_prompt_len:
             raise PromptTooLongError(
                 param, f"the prompt has {len(prompt_ids)} tokens but this model allows at most "
@@ -44,7 +58,15 @@ class GenerationLimits:
                                    f"vocabulary [0, {self.vocab_size})")
 
     def validate_fit(self, num_prompt_tokens: int, max_tokens: int, param: str = "max_tokens") -> None:
-        """A prompt and an explicit cap on new tokens must fit the model together."""
+        """A prompt and an explicit cap on new tokens must fit the model together (an
+        encoder-decoder's new tokens fit its decoder, after the start token)."""
+        if self.is_encoder_decoder:
+            if 1 + max_tokens > self.max_model_len:
+                raise PromptTooLongError(
+                    param, f"this encoder-decoder model generates at most {self.max_model_len - 1} tokens "
+                    f"(max_model_len {self.max_model_len} counts the decoder's start token), but {param} is "
+                    f"{max_tokens}: lower {param}", 1 + max_tokens, self.max_model_len)
+            return
         total = num_prompt_tokens + max_tokens
         if total > self.max_model_len:
             raise PromptTooLongError(
@@ -57,6 +79,12 @@ class GenerationLimits:
         if bad is not None:
             raise InvalidParameter("logit_bias", f"logit_bias: token id {bad} is outside the vocabulary "
                                    f"[0, {self.vocab_size})")
+
+    def validate_prompt_logprobs(self, prompt_logprobs: int | None, param: str = "prompt_logprobs") -> None:
+        """An encoder-decoder model reads its prompt with the encoder and never predicts it."""
+        if prompt_logprobs is not None and self.is_encoder_decoder:
+            raise InvalidParameter(param, f"{param}: this encoder-decoder model encodes the prompt and never "
+                                   "predicts it, so the prompt has no logprobs")
 
     def validate_n(self, n: int) -> None:
         if n > self.max_num_seqs:

@@ -13,7 +13,7 @@ import torch
 from engine.config import EngineConfig
 from engine.device import resolve_device, resolve_dtype, use_cpu_threads
 from engine.guided import GrammarCompiler, GrammarMatcher, disallow, fill_bitmask
-from engine.kv_cache import BlockManager
+from engine.kv_cache import BlockManager, ceil_div
 from engine.limits import GenerationLimits
 from engine.loader import build_model, load_tokenizer, open_checkpoint
 from engine.model_runner import ModelRunner
@@ -97,12 +97,13 @@ class LLMEngine:
                                    self.config.max_num_batched_tokens, self._max_prefill_tokens())
         self.sampler = Sampler(self.config.seed, self.runner.cpu_kernels)
         self.max_model_len = self._decide_max_model_len()
+        self.max_encoder_len = self._decide_encoder_len() if self.model_config.is_encoder_decoder else 0
         self.limits = GenerationLimits(
             model_id=str(model), vocab_size=self.model_config.vocab_size,
             max_model_len=self.max_model_len, max_num_seqs=self.config.max_num_seqs,
             block_size=self.config.block_size, num_blocks=self.runner.num_blocks,
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
-            quantization=str(self.quantization_summary))
+            quantization=str(self.quantization_summary), max_encoder_len=self.max_encoder_len)
         if self.device.type == "cuda" and not self.config.enforce_eager and self.runner.backend.supports_cuda_graphs:
             self.runner.capture_cuda_graphs(self.config.max_num_seqs, self.max_model_len)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | frozenset(
@@ -128,6 +129,8 @@ class LLMEngine:
     def _decide_max_model_len(self) -> int:
         model_max = self.model_config.max_position_embeddings
         pool_tokens = self.runner.num_blocks * self.config.block_size
+        if self.model_config.is_encoder_decoder:    # the other half holds the encoder's output
+            pool_tokens //= 2
         asked = self.config.max_model_len
         if asked is not None and asked > model_max and self.model_config.family == "gpt2":
             raise ValueError(f"max_model_len {asked} exceeds GPT-2's {model_max} learned positions")
@@ -138,6 +141,16 @@ class LLMEngine:
             logger.warning("max_model_len lowered from %d to %d: the KV cache holds no more",
                            model_max, pool_tokens)
         return asked or min(model_max, pool_tokens)
+
+    def _decide_encoder_len(self) -> int:
+        """An encoder-decoder's cap on its input: the model's positions, and what the KV pool
+        holds beside a sequence of max_model_len decoder tokens."""
+        size = self.config.block_size
+        blocks_left = self.runner.num_blocks - ceil_div(self.max_model_len, size)
+        if blocks_left < 1:
+            raise ValueError(f"the KV cache ({self.runner.num_blocks} blocks) has no room for an encoder "
+                             f"output beside {self.max_model_len} decoder tokens; raise kv_cache_memory")
+        return min(self.model_config.max_position_embeddings, blocks_left * size)
 
     # -- requests -----------------------------------------------------------------------
 
@@ -156,6 +169,7 @@ class LLMEngine:
         self.limits.validate_prompt(prompt_ids)
         self.limits.validate_n(params.n)
         self.limits.validate_logit_bias(params.logit_bias)
+        self.limits.validate_prompt_logprobs(params.prompt_logprobs)
         # Compiled before anything is queued (InvalidGrammar); the async engine has done it
         # already, off this thread, and this finds it in the cache.
         grammar = self.grammars.compile(params.guided_decoding) if params.guided_decoding else None
@@ -165,7 +179,8 @@ class LLMEngine:
             seq.group_id = group_id or request_id
             seq.grammar = GrammarMatcher(grammar) if grammar is not None else None
         seqs[0].siblings = seqs[1:]
-        completions = [CompletionState(i, self.tokenizer, prompt_ids, params, self.eos_token_ids)
+        # Text continues the decoder's own prompt (an encoder-decoder's start token).
+        completions = [CompletionState(i, self.tokenizer, seqs[0].prompt_token_ids, params, self.eos_token_ids)
                        for i in range(params.n)]
         request = Request(request_id, text, prompt_ids, params, seqs, completions, RequestMetrics(arrival_time=now))
         if params.prompt_logprobs is not None:
@@ -175,9 +190,14 @@ class LLMEngine:
         self.scheduler.add(seqs[0])
 
     def _new_sequence(self, request_id, prompt_ids, params, index, now) -> Sequence:
+        """A decoder-only model continues the prompt; an encoder-decoder encodes it and decodes
+        from its start token."""
+        encoder_ids: list[int] = []
+        if self.model_config.is_encoder_decoder:
+            prompt_ids, encoder_ids = [self.model_config.decoder_start_token_id], list(prompt_ids)
         seq = Sequence(next(self._seq_ids), request_id, list(prompt_ids), len(prompt_ids),
                        max_tokens=min(params.max_tokens, self.max_model_len - len(prompt_ids)),
-                       index=index, arrival_time=now)
+                       index=index, arrival_time=now, encoder_token_ids=encoder_ids)
         if params.seed is not None:
             seq.sampling_state = torch.Generator(self.device).manual_seed((params.seed + index) % 2**64)
         return seq
@@ -378,6 +398,7 @@ class LLMEngine:
     def _report(self, batch: ScheduledBatch, duration: float) -> None:
         prefill = sum(min(n, max(0, seq.num_prompt_tokens - (seq.num_computed_tokens - n)))
                       for seq, n in zip(batch.seqs, batch.num_new_tokens))
+        prefill += sum(seq.num_encoder_tokens for seq in batch.encoder_seqs)
         counters = self.counters
         counters.num_prompt_tokens_computed += prefill
         counters.num_steps += 1

@@ -12,6 +12,7 @@ quantized ones once every tensor is in (engine/quantization.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -104,9 +105,28 @@ def open_checkpoint(name_or_path: str | Path) -> Checkpoint:
         hf_config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{config_file}: not valid JSON ({exc})") from None
-    checkpoint = Checkpoint(path, _model_config(hf_config, config_file), hf_config)
+    config = _model_config(hf_config, config_file)
     weight_files(path)                          # fail now, not after building the model
-    return checkpoint
+    if config.is_encoder_decoder:
+        config = _head_from_weights(config, path)
+    return Checkpoint(path, config, hf_config)
+
+
+def _head_from_weights(config: ModelConfig, directory: Path) -> ModelConfig:
+    """An encoder-decoder's head is its own exactly when the checkpoint holds lm_head.weight:
+    transformers 5 writes tie_word_embeddings: true for every T5, untied ones included."""
+    names: set[str] = set()
+    for file in weight_files(directory):
+        if file.suffix != ".safetensors":
+            names.update(name for name, _ in _read_weight_file(file))
+            continue
+        from safetensors import safe_open
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                names.update(handle.keys())
+        except Exception as exc:            # a corrupt header
+            raise CheckpointError(f"{file}: cannot read weights ({type(exc).__name__}: {exc})") from None
+    return dataclasses.replace(config, tie_word_embeddings="lm_head.weight" not in names)
 
 
 def _model_config(hf_config: dict[str, Any], source: Path) -> ModelConfig:

@@ -19,6 +19,7 @@ from engine.layers.cpu_attention import CpuPagedAttention
 from engine.layers.fused import use_fused_ops
 from engine.models import CausalLM
 from engine.scheduler import ScheduledBatch
+from engine.seq2seq import Seq2SeqMetadata, build_seq2seq_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,13 @@ _GPU_MEMORY_UTILIZATION = 0.85
 
 def select_backend(config: ModelConfig, device: torch.device) -> AttentionBackend:
     """The one place the attention implementation is chosen: Triton kernels on CUDA when the
-    head size suits them, our C++ op on a CPU when it builds, the PyTorch reference elsewhere."""
+    head size suits them, our C++ op on a CPU when it builds, the PyTorch reference elsewhere.
+    Encoder-decoder models (T5) run on the reference's cache layout on every device: they add
+    a learned relative position bias to every score, which neither the C++ op nor the Triton
+    kernels take (engine/layers/relative_position.py)."""
+    if config.is_encoder_decoder:
+        logger.info("attention: TorchAttention layout with T5's position bias (encoder-decoder)")
+        return TorchAttention()
     if device.type == "cuda":
         from engine.layers import triton_attention  # CPU-only installs never import triton
         if triton_attention.supports_head_dim(config.head_dim):
@@ -53,12 +60,21 @@ class ModelRunner:
         self.block_size = engine_config.block_size
         self.num_blocks = self._decide_num_blocks()
         self.backend = select_backend(model_config, device)
-        # Our CPU kernels, when the attention runs on them: the small ops go fused too.
-        self.cpu_kernels = self.backend.ops if isinstance(self.backend, CpuPagedAttention) else None
+        self.cpu_kernels = self._cpu_kernels()
         if self.cpu_kernels is not None:
             logger.info("fused CPU ops: %d modules", use_fused_ops(model, self.cpu_kernels))
         self.kv_cache = self._allocate_kv_cache()
         self.graphs = None                  # DecodeGraphs once captured (CUDA only)
+
+    def _cpu_kernels(self):
+        """Our CPU kernels when this runner uses them, for the small ops and the sampler: with
+        the C++ attention op; and for an encoder-decoder on a CPU, whose attention stays the
+        reference (the op takes no position bias) while its norms can still run fused."""
+        if isinstance(self.backend, CpuPagedAttention):
+            return self.backend.ops
+        if self.model_config.is_encoder_decoder and self.device.type == "cpu":
+            return kernels.load()
+        return None
 
     @property
     def bytes_per_block(self) -> int:
@@ -154,7 +170,8 @@ class ModelRunner:
         axis = 2 + self.backend.block_axis                  # past the (K/V, layer) axes
         self.kv_cache.index_copy_(axis, targets, self.kv_cache.index_select(axis, sources))
 
-    def prepare_inputs(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
+    def prepare_inputs(self, batch: ScheduledBatch
+                       ) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata | Seq2SeqMetadata]:
         token_ids: list[int] = []
         positions: list[int] = []
         seq_lens = []
@@ -167,5 +184,7 @@ class ModelRunner:
             batch.num_new_tokens, seq_lens, [seq.block_table for seq in batch.seqs],
             self.block_size, self.device, causal=True,
             sliding_window=self.model_config.sliding_window)
+        if self.model_config.is_encoder_decoder:       # the step's encoder inputs and cross blocks
+            meta = build_seq2seq_metadata(batch, meta, self.block_size, self.device)
         return (torch.tensor(token_ids, dtype=torch.long, device=self.device),
                 torch.tensor(positions, dtype=torch.long, device=self.device), meta)

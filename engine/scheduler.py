@@ -10,6 +10,10 @@ While decodes run, prompt tokens per step are capped (`max_prefill_tokens`), so 
 prompt cannot stall every stream for a second; with no decode to protect, prompts get the
 whole budget.
 
+An encoder-decoder sequence's encoder input runs once, whole, in the step that admits it
+(`encoder_seqs`): its tokens count against that step's prompt budget, and an input longer
+than the budget runs as the step's first prompt work, alone, rather than never.
+
 When blocks run out, a sequence is preempted: its blocks are freed and it goes back to the
 front of the queue, to be recomputed later (its full blocks usually survive in the prefix
 cache). The victim comes from the client (`group_id`: the HTTP request a sequence belongs to)
@@ -38,6 +42,9 @@ class ScheduledBatch:
     samples: list[tuple[Sequence, int]] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # Encoder-decoder sequences admitted this step: their encoder inputs run before the
+    # decoder, and fill their (new) cross blocks.
+    encoder_seqs: list[Sequence] = field(default_factory=list)
     num_prefix_queries: int = 0          # prompt tokens of admitted sequences looked up in the prefix cache
     num_prefix_hits: int = 0             # of those, tokens found cached
 
@@ -60,14 +67,17 @@ class ScheduledBatch:
 class _Budget:
     tokens: int                          # tokens this step may still compute
     prefill: int                         # of those, prompt tokens (a cap while decodes run)
+    num_prompt_tokens: int = 0           # prompt (and encoder) tokens spent so far
 
     def prompt_tokens(self, wanted: int) -> int:
         return min(wanted, self.tokens, self.prefill)
 
     def spend(self, num_tokens: int, is_prompt: bool) -> None:
-        self.tokens -= num_tokens
+        # An encoder input runs whole and may overdraw the budget: nothing more fits then.
+        self.tokens = max(self.tokens - num_tokens, 0)
         if is_prompt:
-            self.prefill -= num_tokens
+            self.prefill = max(self.prefill - num_tokens, 0)
+            self.num_prompt_tokens += num_tokens
 
 
 class Scheduler:
@@ -139,8 +149,11 @@ class Scheduler:
             if seq.prompt_logits_from is not None:
                 cached = cached[: seq.prompt_logits_from // size]
             num_new = budget.prompt_tokens(seq.num_uncomputed_tokens - len(cached) * size)
-            if not self.block_manager.allocate(seq, num_new, cached, batch.blocks_to_copy):
+            num_encoder = self._encoder_tokens(seq, num_new, budget)
+            if num_encoder is None or not self.block_manager.allocate(seq, num_new, cached, batch.blocks_to_copy):
                 return
+            if num_encoder:
+                batch.encoder_seqs.append(seq)
             self.waiting.remove(seq)
             self._count_prefix_lookup(batch, seq.num_tokens, len(cached))
             seq.status = SequenceStatus.RUNNING
@@ -150,7 +163,18 @@ class Scheduler:
             self.running.append(seq)
             batch.add(seq, num_new)
             self.running.extend(self._fork_if_prefilled(seq, num_new, batch))
-            budget.spend(num_new, is_prompt=True)
+            budget.spend(num_new + num_encoder, is_prompt=True)
+
+    def _encoder_tokens(self, seq: Sequence, num_new: int, budget: _Budget) -> int | None:
+        """Encoder tokens seq's admission runs: 0 for none (a decoder-only sequence); None
+        when they do not fit what this step has left beside its num_new decoder tokens, unless
+        nothing else has spent prompt budget yet (an input longer than the budget runs alone)."""
+        if not seq.encoder_token_ids or seq.cross_block_table:
+            return 0
+        wanted = num_new + seq.num_encoder_tokens
+        if budget.prompt_tokens(wanted) == wanted or budget.num_prompt_tokens == 0:
+            return seq.num_encoder_tokens
+        return None
 
     # -- fairness -------------------------------------------------------------------------
 
@@ -182,8 +206,10 @@ class Scheduler:
     def _fits(self, seq: Sequence) -> bool:
         if len(self.running) + 1 + len(seq.siblings) > self.max_num_seqs:
             return False
-        # Its first chunk needs at least one block; more need not be free this step.
-        return self.block_manager.num_free_blocks > 0 or seq.num_tokens <= len(seq.block_table)
+        # Its first chunk needs at least one block (and an encoder-decoder's its cross blocks);
+        # more need not be free this step.
+        needed = self.block_manager.num_missing_cross_blocks(seq)
+        return self.block_manager.num_free_blocks > needed or seq.num_tokens <= len(seq.block_table)
 
     def _largest_clients_newest_request(self) -> list[Sequence]:
         if not self.running:

@@ -48,6 +48,10 @@ class Sequence:
     # The first position whose logits prompt logprobs still need (None: none): the prefix cache
     # serves only the blocks before it, the rest of the prompt runs through the model.
     prompt_logits_from: int | None = None
+    # Encoder-decoder models: the encoder's input (the prompt; token_ids are the decoder's,
+    # from its start token) and the blocks holding its output's K/V. Empty for decoder-only.
+    encoder_token_ids: list[int] = field(default_factory=list)
+    cross_block_table: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         self.group_id = self.group_id or self.request_id
@@ -67,6 +71,10 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_encoder_tokens(self) -> int:
+        return len(self.encoder_token_ids)
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -1,8 +1,8 @@
 """Tokenizers, chat templates and the streaming detokenizer.
 
 Every vocabulary becomes one `tokenizers.Tokenizer`: a Hugging Face `tokenizer.json` as is, a
-WordPiece `vocab.txt`, and (through `engine.gguf_vocab`) a sentencepiece `tokenizer.model` or
-the vocabulary embedded in a GGUF file. The serving path never imports `transformers`; tests
+WordPiece `vocab.txt`, and (through `engine.gguf_vocab`) a sentencepiece `tokenizer.model`, T5's
+`spiece.model`, or the vocabulary embedded in a GGUF file. The serving path never imports `transformers`; tests
 compare against it.
 """
 from __future__ import annotations
@@ -83,7 +83,8 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "Tokenizer":
-        """A Hugging Face checkpoint dir: tokenizer.json, else tokenizer.model, else vocab.txt."""
+        """A Hugging Face checkpoint dir: tokenizer.json, else tokenizer.model, else T5's
+        spiece.model, else vocab.txt."""
         path = Path(path)
         config = {**read_json_file(path / "special_tokens_map.json"), **read_json_file(path / "tokenizer_config.json")}
         backend, special_tokens, add_bos = _dir_backend(path, config)
@@ -387,6 +388,9 @@ def _dir_backend(path: Path, config: dict[str, Any]) -> tuple[tokenizers.Tokeniz
         named = {**{name: tokens[metadata[f"tokenizer.ggml.{key}"]] for name, key in _GGUF_SPECIAL_IDS.items()
                     if f"tokenizer.ggml.{key}" in metadata}, **named}
         add_bos = True if add_bos is None else add_bos  # sentencepiece models start with <s>
+    elif (path / "spiece.model").is_file():
+        backend, spm_named = gguf_vocab.t5_tokenizer(path / "spiece.model", _t5_extra_ids(config))
+        named = {**spm_named, **named}
     elif (path / "vocab.txt").is_file():
         named = {**_BERT_SPECIALS, **named}
         backend = gguf_vocab.wordpiece_tokenizer(path / "vocab.txt", named, config)
@@ -394,6 +398,16 @@ def _dir_backend(path: Path, config: dict[str, Any]) -> tuple[tokenizers.Tokeniz
         raise FileNotFoundError(f"{path}: no tokenizer.json, tokenizer.model or vocab.txt")
     _add_config_tokens(backend, config)  # tokenizer.json lists its own; bare vocabularies do not
     return backend, named, add_bos
+
+
+def _t5_extra_ids(config: dict[str, Any]) -> int:
+    """How many <extra_id_N> sentinels T5's vocabulary ends with: tokenizer_config.json's
+    extra_ids, else those its additional special tokens name, else T5Tokenizer's 100."""
+    if config.get("extra_ids") is not None:
+        return config["extra_ids"]
+    extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
+    named = [t for t in extra if isinstance(t, (str, dict)) and "<extra_id_" in _token_text(t)]
+    return len(named) if named else 100
 
 
 def _dir_chat_templates(path: Path, config: dict[str, Any]) -> dict[str, str]:

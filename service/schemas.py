@@ -339,7 +339,8 @@ class Info(BaseModel):
     model_id: str
     model_dtype: str
     model_device_type: str
-    model_pipeline_tag: str = "text-generation"
+    model_pipeline_tag: str = "text-generation"     # "text2text-generation" for T5
+    is_encoder_decoder: bool = False          # the prompt is encoded; the decoder generates apart
     max_input_tokens: int
     # The generation engine's; null on an encoder-only server (--model none).
     max_total_tokens: int | None = None

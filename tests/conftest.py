@@ -105,6 +105,77 @@ def tiny_hf_model(family: str, **overrides):
     return model
 
 
+# Tiny T5 variants (engine/models/t5.py), each a family name for tiny_t5_model: both FFN kinds,
+# tied and untied heads, and two position-bucket settings (32 buckets to distance 128, as every
+# T5 has; 8 to distance 20, so that test lengths reach the logarithmic buckets and the last).
+T5_VARIANTS = {
+    "t5": "v1.0: ReLU FFN, head tied to the shared embedding (read at d_model**-0.5), buckets 32/128",
+    "t5_buckets8": "v1.0 with 8 buckets to distance 20, 3 decoder layers over 2 encoder layers",
+    "flan_t5": "v1.1 / Flan-T5: gated-GELU FFN, a head of its own, buckets 32/128",
+    "flan_t5_buckets8": "v1.1 with 8 buckets to distance 20",
+    "t5_gated_tied": "gated-GELU with the head tied and not rescaled (what transformers 5 builds for "
+                     "tie_word_embeddings=false)",
+}
+T5_VOCAB = 320                    # the tiny spiece.model's pieces and 10 sentinels, padded like T5's
+
+
+def tiny_t5_model(variant: str, **overrides):
+    """A tiny random T5ForConditionalGeneration (T5_VARIANTS). The position-bias tables and the
+    norm weights are drawn wide, so position and normalization really matter."""
+    import transformers as tf
+    gated = variant.startswith("flan") or variant == "t5_gated_tied"
+    small_buckets = variant.endswith("buckets8")
+    config = tf.T5Config(
+        vocab_size=T5_VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+        num_decoder_layers=3 if variant == "t5_buckets8" else 2, num_heads=4,
+        feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=not gated,
+        relative_attention_num_buckets=8 if small_buckets else 32,
+        relative_attention_max_distance=20 if small_buckets else 128,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = tf.T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("relative_attention_bias.weight"):
+                param.normal_(std=1.0)
+            elif name.endswith("layer_norm.weight"):
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+        if gated and variant != "t5_gated_tied":       # transformers 5 ties the head: untie it
+            model.lm_head.weight = torch.nn.Parameter(0.05 * torch.randn_like(model.shared.weight))
+    return model
+
+
+def write_tiny_t5_tokenizer(directory: Path, extra_ids: int = 10) -> None:
+    """T5's tokenizer files: a sentencepiece Unigram spiece.model trained on the repository's own
+    text (benchmarks/sentences.py) with T5's special ids (<pad> 0, </s> 1, <unk> 2) and no BOS,
+    and a tokenizer_config.json naming extra_ids sentinels."""
+    import sentencepiece
+    from benchmarks.sentences import mixed_sentences
+    directory.mkdir(parents=True, exist_ok=True)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(mixed_sentences(600)), model_prefix=str(directory / "spiece"),
+        model_type="unigram", vocab_size=T5_VOCAB - extra_ids - 10, hard_vocab_limit=False,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    (directory / "spiece.vocab").unlink()
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "extra_ids": extra_ids}))
+
+
+def save_tiny_t5_checkpoint(variant: str, directory: Path, safe_serialization: bool = True, **overrides) -> Path:
+    tiny_t5_model(variant, **overrides).save_pretrained(directory, safe_serialization=safe_serialization)
+    write_tiny_t5_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """T5 variant -> a saved tiny checkpoint directory (with its spiece.model)."""
+    root = tmp_path_factory.mktemp("tiny-t5")
+    return {variant: save_tiny_t5_checkpoint(variant, root / variant) for variant in T5_VARIANTS}
+
+
 def save_tiny_checkpoint(family: str, directory: Path, safe_serialization: bool = True, **overrides) -> Path:
     model = tiny_hf_model(family, **overrides)
     model.save_pretrained(directory, safe_serialization=safe_serialization)

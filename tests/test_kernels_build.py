@@ -1,6 +1,11 @@
 """The C++ kernels build for this CPU's kind and for the AVX2 fallback, side by side."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 
 from engine import kernels
@@ -42,3 +47,15 @@ def test_a_read_only_prebuilt_build_is_loaded_from_a_copy(tmp_path, monkeypatch)
     assert copy == tmp_path / "cache" / "avx2"
     assert (copy / "attnserve_kernels_avx2.so").read_bytes() == b"built"
     assert kernels._writable(prebuilt) == copy                        # copied once
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_load(tmp_path):
+    # torch's cpp_extension waits forever on the `lock` file a killed build leaves behind.
+    kernels.load("baseline")                                    # built here, then copied
+    stale = tmp_path / "baseline"
+    shutil.copytree(kernels._build_dir() / "baseline", stale)
+    (stale / "lock").write_text("")
+    loaded = subprocess.run(
+        [sys.executable, "-c", "from engine import kernels; print(kernels.load('baseline').isa)"],
+        env={**os.environ, kernels.KERNEL_DIR_ENV: str(tmp_path)}, capture_output=True, text=True, timeout=300)
+    assert loaded.stdout.strip() == "baseline", loaded.stderr[-2000:]

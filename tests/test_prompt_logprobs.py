@@ -12,6 +12,7 @@ from conftest import tiny_hf_model
 from service_helpers import API_KEY, main_server
 
 from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.errors import InvalidParameter
 from engine.tokenizer import Tokenizer
 
 TOLERANCE = 1e-4
@@ -72,6 +73,15 @@ def test_prompt_logprobs_equal_a_teacher_forced_forward(family, tiny_checkpoints
     for out in outs.values():
         check(out, family, top_k=3)
     assert outs["p1"].prompt_logprobs == [None]
+
+
+def test_an_encoder_decoder_has_no_prompt_logprobs(tiny_t5_checkpoints):
+    """T5 encodes its prompt and never predicts it: asking for its logprobs is refused, not
+    answered with nulls."""
+    engine = make_engine(tiny_t5_checkpoints["flan_t5"])
+    with pytest.raises(InvalidParameter, match="encoder-decoder model encodes the prompt") as refused:
+        engine.add_request("t5", [5, 6, 7, 1], SamplingParams(max_tokens=2, prompt_logprobs=0))
+    assert refused.value.param == "prompt_logprobs" and not engine.has_unfinished_requests()
 
 
 def test_a_prefix_cache_hit_is_recomputed_not_returned_missing(tiny_llama):

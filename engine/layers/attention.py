@@ -219,6 +219,33 @@ def build_attn_metadata(
                         causal=causal, sliding_window=sliding_window)
 
 
+def build_cross_attn_metadata(
+    query_lens: Sequence[int],
+    key_lens: Sequence[int],
+    block_tables: Sequence[Sequence[int]],
+    block_size: int,
+    device: torch.device | str = "cpu",
+) -> AttnMetadata:
+    """Metadata for queries that read keys already in the cache and write none (an
+    encoder-decoder's cross-attention): each of sequence i's query_lens[i] new tokens sees
+    all key_lens[i] keys its block table holds, however many queries that is. Only the groups
+    are filled: it is read by padded_attention, never by a backend's forward."""
+    starts = _cumsum([0, *query_lens])
+    groups = {True: [], False: []}
+    for i, q_len in enumerate(query_lens):
+        groups[q_len == 1].append(i)
+
+    def group(indices: list[int]) -> AttnGroup | None:
+        if not indices:
+            return None
+        tables = [block_tables[i][: ceil_div(key_lens[i], block_size)] for i in indices]
+        return _build_group(indices, query_lens, key_lens, starts, tables, block_size,
+                            False, None, device)
+
+    return AttnMetadata(slot_mapping=None, block_size=block_size, decode=group(groups[True]),
+                        prefill=group(groups[False]), causal=False)
+
+
 def _whole_batch(starts, seq_lens, block_tables, block_size, device) -> dict:
     """AttnMetadata's cu_seqlens_q (= starts), seq_lens and block_tables: int32, row order."""
     int32 = dict(dtype=torch.int32, device=device)

@@ -13,6 +13,7 @@ from engine.models.bert import BertModel
 from engine.models.gpt2 import GPT2LMHeadModel
 from engine.models.llama import LlamaForCausalLM
 from engine.models.moe import MoeForCausalLM
+from engine.models.t5 import T5ForConditionalGeneration
 
 
 class CheckpointModel(Protocol):
@@ -31,7 +32,9 @@ class CausalLM(CheckpointModel, Protocol):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttnMetadata) -> torch.Tensor:
-        """input_ids, positions: (num_tokens,) -> hidden states (num_tokens, hidden)."""
+        """input_ids, positions: (num_tokens,) -> hidden states (num_tokens, hidden). An
+        encoder-decoder model (T5) takes a Seq2SeqMetadata: the decoder's AttnMetadata and its
+        step's encoder inputs (engine/seq2seq.py)."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(num_rows, hidden) -> (num_rows, vocab)."""
@@ -44,6 +47,7 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "gpt2": GPT2LMHeadModel,
     "llama": LlamaForCausalLM,
     "moe": MoeForCausalLM,
+    "t5": T5ForConditionalGeneration,
 }
 
 

@@ -60,14 +60,23 @@ async def info(request: Request):
     limits, stats = server.generator.limits, server.generator.stats()
     return {
         **common, "model_dtype": limits.dtype, "model_device_type": _device_type(limits.device),
-        "max_input_tokens": limits.max_prompt_len, "max_total_tokens": limits.max_model_len,
-        "max_model_len": limits.max_model_len, "max_new_tokens_default": 100,
+        **_generation_shape(limits), "max_model_len": limits.max_model_len, "max_new_tokens_default": 100,
         "block_size": limits.block_size, "num_blocks": limits.num_blocks,
         "num_free_blocks": stats.num_free_blocks, "kv_cache_usage": stats.kv_cache_usage,
         "num_requests_running": stats.num_running, "num_requests_waiting": stats.num_waiting,
         "max_num_seqs": limits.max_num_seqs, "max_stop_sequences": MAX_STOP, "max_best_of": 1,
         "quantization": limits.quantization,
     }
+
+
+def _generation_shape(limits) -> dict:
+    """TGI's input and total bounds. An encoder-decoder (T5) encodes up to max_input_tokens and
+    then generates up to max_model_len - 1 tokens, so its total is the sum of the two."""
+    if limits.is_encoder_decoder:
+        return {"model_pipeline_tag": "text2text-generation", "is_encoder_decoder": True,
+                "max_input_tokens": limits.max_prompt_len,
+                "max_total_tokens": limits.max_prompt_len + limits.max_model_len - 1}
+    return {"max_input_tokens": limits.max_prompt_len, "max_total_tokens": limits.max_model_len}
 
 
 # an encoder's main task -> the Hugging Face pipeline tag TEI's /info gives it

@@ -188,7 +188,7 @@ async def completions(body: CompletionRequest, request: Request):
     prompt_logprobs = body.logprobs if body.echo else None
     params = _sampling(body, max_tokens, body.logprobs, openai_constraint(body), prompt_logprobs)
     gens = await admit(server, info_of(request), prompts, params,
-                       asked_max_tokens="max_tokens" if asked is not None else None)
+                       asked_max_tokens="max_tokens" if asked is not None else None, asked_prompt_logprobs="echo")
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT}
     if body.stream:

@@ -39,7 +39,7 @@ _STREAM_DOC = {200: {"description": "Server-sent events (text/event-stream), one
 
 def tgi_sampling(server: Server, p: GenerateParameters, stream: bool = False) -> tuple[SamplingParams, int | None]:
     """GenerateParameters -> (SamplingParams, the seed to report). Prompt logprobs are computed
-    for details.prefill, which only /generate answers."""
+    for details.prefill, which only /generate answers, and only by a decoder-only model."""
     asked = p.max_new_tokens if "max_new_tokens" in p.model_fields_set else None
     max_tokens = max_new_tokens(server, asked, "parameters.max_new_tokens", route_default=100)
     uses_warpers = (p.temperature not in (None, 1.0) or p.top_k not in (None, 0, -1)
@@ -55,7 +55,8 @@ def tgi_sampling(server: Server, p: GenerateParameters, stream: bool = False) ->
         repetition_penalty=p.repetition_penalty or 1.0, frequency_penalty=p.frequency_penalty or 0.0,
         presence_penalty=p.presence_penalty or 0.0, seed=seed if sample else None, stop=list(p.stop),
         ignore_eos=p.ignore_eos, logprobs=p.top_n_tokens or None, guided_decoding=tgi_constraint(p.grammar),
-        prompt_logprobs=0 if p.details and p.decoder_input_details and not stream else None)
+        prompt_logprobs=0 if p.details and p.decoder_input_details and not stream
+        and not server.generator.limits.is_encoder_decoder else None)
     return params, (seed if sample else None)
 
 
@@ -136,7 +137,9 @@ async def _complete(request: Request, gen: Generation, seed: int | None, p: Gene
 
 
 def _prefill(server: Server, gen: Generation, entries) -> list[dict]:
-    if entries is None or len(entries) != len(gen.prompt.ids):
+    if server.generator.limits.is_encoder_decoder:      # the encoder reads the prompt, never predicts it
+        entries = [None] * len(gen.prompt.ids)
+    elif entries is None or len(entries) != len(gen.prompt.ids):
         raise APIError(500, "the prompt logprobs were not computed", error_type="generation")
     return [{"id": i, "text": server.token_text(i), "logprob": None if e is None else finite_or_none(e.logprob)}
             for i, e in zip(gen.prompt.ids, entries)]
