@@ -18,7 +18,9 @@ The vocabulary is given to the library as each token's exact bytes (Tokenizer.to
 so byte-level BPE, sentencepiece byte fallback and GGUF vocabularies all read the same way.
 Special tokens get an 0xFF prefix, llguidance's mark for tokens no text can spell: a schema
 never produces `<|im_end|>` by writing its characters. Rows past the tokenizer's vocabulary
-(a model's padded embedding) are special too, so they are never allowed.
+(a model's padded embedding) are special too, so they are never allowed. The text a grammar
+forces is tokenized for llguidance into tokens whose bytes are exactly that text (exact_tokens:
+a sentencepiece tokenizer's dummy-prefix space would otherwise be forced before it).
 """
 from __future__ import annotations
 
@@ -168,6 +170,7 @@ class GrammarCompiler:
         tokens = [tokenizer.token_bytes(i) if i < tokenizer.vocab_size else b"" for i in range(self.vocab_size)]
         for i in special:
             tokens[i] = b"\xff" + (tokens[i] or f"<[{i}]>".encode())
+        by_bytes = {token: i for i, token in enumerate(tokens) if token and not token.startswith(b"\xff")}
 
         class Vocabulary:                # what llguidance.TokenizerWrapper reads
             eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
@@ -175,11 +178,32 @@ class GrammarCompiler:
             special_token_ids = special
 
             def __call__(self, text: str) -> list[int]:
-                return tokenizer.encode(text, add_special_tokens=False)
+                return exact_tokens(tokenizer, text, by_bytes)
         vocabulary = Vocabulary()
         vocabulary.tokens = tokens
         return llguidance.LLTokenizer(llguidance.TokenizerWrapper(vocabulary), n_vocab=self.vocab_size,
                                       eos_token=self.eos_token_ids or None)
+
+
+def exact_tokens(tokenizer: Tokenizer, text: str, by_bytes: dict[bytes, int]) -> list[int]:
+    """Token ids whose bytes are exactly the text's: what llguidance needs when it tokenizes the
+    text a grammar forces. The tokenizer's own ids when they are (a sentencepiece tokenizer with
+    a dummy prefix adds a space: T5's, Llama 2's), else the longest vocabulary match at each
+    position (not canonical, but it spells the text)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    data = text.encode()
+    if b"".join(tokenizer.token_bytes(i) for i in ids) == data:
+        return ids
+    longest = max(map(len, by_bytes), default=0)
+    out, start = [], 0
+    while start < len(data):
+        length = next((n for n in range(min(longest, len(data) - start), 0, -1)
+                       if data[start: start + n] in by_bytes), 0)
+        if not length:
+            return ids                   # a byte no token spells: the tokenizer's answer is all there is
+        out.append(by_bytes[data[start: start + length]])
+        start += length
+    return out
 
 
 _KIND_NAMES = {"json": "JSON schema", "regex": "regular expression", "choice": "choice",

@@ -365,7 +365,9 @@ class LLMEngine:
         if seq.grammar.error is not None:          # e.g. a step past llguidance's work limits
             raise RuntimeError(f"the grammar could not go on: {seq.grammar.error}")
         if not seq.grammar.accept(token_id):
-            raise RuntimeError(f"the grammar refused token {token_id} it allowed: {seq.grammar.error}")
+            # Only when the mask allowed no token (what the grammar needs next, no token of this
+            # vocabulary spells), or on a bug.
+            raise RuntimeError(f"the grammar refused token {token_id}: {seq.grammar.error}")
         if seq.grammar.is_finished:
             completion.finish("stop")
 

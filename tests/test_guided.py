@@ -259,3 +259,23 @@ def test_logit_bias_ids_outside_the_vocabulary_name_the_id(engine):
     with pytest.raises(InvalidParameter) as raised:
         engine.add_request("oov", [1, 2], SamplingParams(logit_bias={5: 1.0, 384: -3.0}))
     assert raised.value.param == "logit_bias" and "384" in str(raised.value)
+
+
+# -- an encoder-decoder (T5) ---------------------------------------------------------------------
+
+def test_an_encoder_decoders_text_follows_its_constraint(tiny_t5_checkpoints):
+    """The mask applies to T5's decoder, and its sentencepiece vocabulary ('▁' for a space) is read
+    through Tokenizer.token_bytes like any other: the decoded text is what the grammar allowed. The
+    text a grammar forces ("he river" after "t") is spelled without the dummy prefix's space.
+    (The tiny vocabulary has no '{': it cannot write JSON.)"""
+    engine = make_engine(tiny_t5_checkpoints["flan_t5"], num_kv_blocks=512)
+    words = r"[a-z]{2,6}( [a-z]{2,6}){0,2}"
+    choices = ["yes", "no", "the river", "garden watches"]
+    prompt = "the river watches the garden"
+    requests = {f"r{i}": (prompt, sampled(GuidedDecoding("regex", words), seed=i, max_tokens=60)) for i in range(20)}
+    requests |= {f"c{i}": (prompt, sampled(GuidedDecoding("choice", choices), seed=i)) for i in range(20)}
+    outs = run(engine, requests)
+    for i in range(20):
+        assert re.fullmatch(words, outs[f"r{i}"].text), outs[f"r{i}"].text
+        assert outs[f"c{i}"].text in choices
+    assert len({outs[f"c{i}"].text for i in range(20)}) >= 2
