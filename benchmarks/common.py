@@ -38,5 +38,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    from engine.device import cpu_features
+    features = cpu_features()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu}, {cores} cores, Python {platform.python_version()}"
+    return (f"{cpu}, {cores} cores, CPU kind {features.kind} ({' '.join(sorted(features.flags))}), "
+            f"Python {platform.python_version()}")

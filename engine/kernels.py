@@ -58,8 +58,7 @@ def _build(kind: str) -> ModuleType | None:
         logger.warning("no C++ compiler found: the CPU kernels are off (PyTorch reference paths run)")
         return None
     from torch.utils import cpp_extension
-    build_dir = _build_dir() / kind
-    build_dir.mkdir(parents=True, exist_ok=True)
+    build_dir = _writable(_build_dir() / kind)
     flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast", *_KIND_FLAGS[kind]]
     try:
         module = cpp_extension.load(
@@ -81,4 +80,24 @@ def _build_dir() -> Path:
         repo_build.mkdir(parents=True, exist_ok=True)
         return repo_build
     except OSError:                         # an installed, read-only tree
-        return Path.home() / ".cache" / "attnserve" / "kernels"
+        return _CACHE_DIR
+
+
+_CACHE_DIR = Path.home() / ".cache" / "attnserve" / "kernels"
+
+
+def _writable(build_dir: Path) -> Path:
+    """A build directory torch may write to (it takes a lock and rewrites its ninja file even
+    to load a build that is up to date): a prebuilt, read-only one (an image's) is copied to
+    the user's cache first, so loading it compiles nothing."""
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if os.access(build_dir, os.W_OK):
+            return build_dir
+    except OSError:
+        pass
+    copy = _CACHE_DIR / build_dir.name
+    if not copy.exists():
+        shutil.copytree(build_dir, copy)
+    return copy
+

@@ -102,7 +102,7 @@ class LLMEngine:
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
                                    self.config.max_num_batched_tokens, self._max_prefill_tokens())
-        self.sampler = Sampler(self.config.seed)
+        self.sampler = Sampler(self.config.seed, self.runner.cpu_kernels)
         self.max_model_len = self._decide_max_model_len()
         self.limits = GenerationLimits(
             model_id=str(model), vocab_size=self.model_config.vocab_size,

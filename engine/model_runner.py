@@ -16,6 +16,7 @@ from engine.kv_cache import ceil_div
 from engine.layers.attention import (Attention, AttentionBackend, AttnMetadata, TorchAttention,
                                     build_attn_metadata)
 from engine.layers.cpu_attention import CpuPagedAttention
+from engine.layers.fused import use_fused_ops
 from engine.models import CausalLM
 from engine.scheduler import ScheduledBatch
 
@@ -52,6 +53,10 @@ class ModelRunner:
         self.block_size = engine_config.block_size
         self.num_blocks = self._decide_num_blocks()
         self.backend = select_backend(model_config, device)
+        # Our CPU kernels, when the attention runs on them: the small ops go fused too.
+        self.cpu_kernels = self.backend.ops if isinstance(self.backend, CpuPagedAttention) else None
+        if self.cpu_kernels is not None:
+            logger.info("fused CPU ops: %d modules", use_fused_ops(model, self.cpu_kernels))
         self.kv_cache = self._allocate_kv_cache()
         self.graphs = None                  # DecodeGraphs once captured (CUDA only)
 

@@ -110,20 +110,29 @@ class SamplerOutput:
     failed_rows: list[int]                         # rows whose logits were not finite
 
 
+def row_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first argmax, logsumexp) of each row: the reference of the CPU kernels' one-call version."""
+    return logits.argmax(dim=-1), torch.logsumexp(logits, dim=-1)
+
+
 class Sampler:
-    def __init__(self, seed: int = 0):
+    """`kernels`: our CPU kernels (engine.kernels.load()) when the runner uses them: the two
+    reductions over the vocabulary then take one call (engine/csrc/fused_ops.cpp)."""
+
+    def __init__(self, seed: int = 0, kernels=None):
         self.generator: torch.Generator | None = None
         self.seed = seed
+        self.row_stats = kernels.argmax_logsumexp if kernels is not None else row_stats
 
     def __call__(self, logits: torch.Tensor, requests: Seq[SampleRequest]) -> SamplerOutput:
         """logits (num_rows, vocab) float -> one token per row."""
-        logits = logits.float()
-        # One pass gives the normalizer of the raw distribution, and it is finite exactly
-        # when the row has no NaN or +inf: logprob = logit - logsumexp, no log_softmax copy.
-        log_normalizer = torch.logsumexp(logits, dim=-1)               # (num_rows,)
+        logits = logits.float().contiguous()
+        # The normalizer of the raw distribution is finite exactly when the row has no NaN or
+        # +inf: logprob = logit - logsumexp, no log_softmax copy.
+        raw_argmax, log_normalizer = self.row_stats(logits)            # (num_rows,) each
         finite = torch.isfinite(log_normalizer)
         processed = self._process(logits, requests)
-        token_ids = self._draw(processed, requests)                     # (num_rows,)
+        token_ids = self._draw(processed, requests, raw_argmax if processed is logits else None)
         chosen = logits.gather(1, token_ids[:, None])[:, 0] - log_normalizer
         top = self._top_logprobs(logits, log_normalizer, requests)
         finite_list, ids_list, chosen_list = finite.tolist(), token_ids.tolist(), chosen.tolist()
@@ -148,8 +157,10 @@ class Sampler:
             logits = apply_min_p(logits, [r.params.min_p for r in requests])
         return logits
 
-    def _draw(self, logits: torch.Tensor, requests: Seq[SampleRequest]) -> torch.Tensor:
-        greedy = logits.argmax(dim=-1)
+    def _draw(self, logits: torch.Tensor, requests: Seq[SampleRequest],
+              argmax: torch.Tensor | None = None) -> torch.Tensor:
+        """argmax: the rows' argmax when already known (logits unprocessed)."""
+        greedy = logits.argmax(dim=-1) if argmax is None else argmax.clone()
         sampled_rows = [i for i, r in enumerate(requests) if not r.params.is_greedy]
         if not sampled_rows:
             return greedy

@@ -112,6 +112,14 @@ def save_tiny_checkpoint(family: str, directory: Path, safe_serialization: bool 
     return directory
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_kernels_built():
+    """Build this CPU's kernels before any test starts a server that would load (and, the first
+    time, compile) them within its startup deadline. `make test` has built them already."""
+    from engine import kernels
+    kernels.load()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """family -> a saved tiny checkpoint directory (with tokenizer), made once per session."""

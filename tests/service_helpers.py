@@ -166,6 +166,14 @@ def main_server(request) -> ServerProcess:
                          api_key=API_KEY)
 
 
+def edges_server(request) -> ServerProcess:
+    """The tiny LLaMA with the real MiniLM embedder behind a small encoder queue, no API key: the
+    server the reliability-edge tests and the hostile-load benchmark's test share."""
+    llama = request.getfixturevalue("tiny_llama")
+    return shared_server(request, "edges", ["--model", str(llama), *TINY_ARGS, "--embedding-model",
+                                            EMBEDDING_MODEL, "--max-encoder-queue", "16"])
+
+
 _classifier: list[str] = []
 
 

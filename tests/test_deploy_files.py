@@ -20,6 +20,7 @@ import yaml
 from observability import DASHBOARD, PROMETHEUS_CONFIG, in_ci, observed_server
 from service_helpers import REPO, ServerProcess, free_port
 
+from engine.kernels import KERNEL_DIR_ENV
 from service.settings import Settings, load_settings
 
 GRAFANA = REPO / "deploy" / "grafana"
@@ -200,7 +201,8 @@ def settings_from_env(env: dict[str, str]) -> Settings:
     pydantic-settings ignores unknown ATTNSERVE_* variables)."""
     for key in env:
         name = key.removeprefix("ATTNSERVE_").lower()
-        assert key.startswith("ATTNSERVE_") and (name in Settings.model_fields or name == "api_key"), key
+        assert key.startswith("ATTNSERVE_") and (name in Settings.model_fields or name == "api_key"
+                                                 or key == KERNEL_DIR_ENV), key
     saved = {k: v for k, v in os.environ.items() if k.startswith("ATTNSERVE_")}
     for key in saved:
         del os.environ[key]

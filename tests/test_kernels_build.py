@@ -30,3 +30,15 @@ def test_forcing_features_picks_the_fallback(monkeypatch):
 def test_disabled_kernels_leave_the_reference(monkeypatch):
     monkeypatch.setenv(kernels.DISABLE_ENV, "1")
     assert kernels.load() is None
+
+
+def test_a_read_only_prebuilt_build_is_loaded_from_a_copy(tmp_path, monkeypatch):
+    prebuilt = tmp_path / "image" / "avx2"
+    prebuilt.mkdir(parents=True)
+    (prebuilt / "attnserve_kernels_avx2.so").write_bytes(b"built")
+    monkeypatch.setattr(kernels, "_CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(kernels.os, "access", lambda path, mode: str(path).startswith(str(tmp_path / "cache")))
+    copy = kernels._writable(prebuilt)
+    assert copy == tmp_path / "cache" / "avx2"
+    assert (copy / "attnserve_kernels_avx2.so").read_bytes() == b"built"
+    assert kernels._writable(prebuilt) == copy                        # copied once

@@ -15,16 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from service_helpers import EMBEDDING_MODEL, NO_ENCODER, TINY_ARGS, ServerProcess, shared_server
+from service_helpers import NO_ENCODER, TINY_ARGS, ServerProcess, edges_server
 
 LONG = {"max_tokens": 400, "ignore_eos": True}
 PROMPT_200 = "The cat sat. " * 50                     # ~200 tokens of the tiny tokenizer
 
 
 @pytest.fixture(scope="module")
-def server(request, tiny_llama):
-    return shared_server(request, "edges", ["--model", str(tiny_llama), *TINY_ARGS, "--embedding-model",
-                                            EMBEDDING_MODEL, "--max-encoder-queue", "16"])
+def server(request):
+    return edges_server(request)
 
 
 # -- the drain keeps its deadline -------------------------------------------------------------

@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from engine.config import UnsupportedModelError
 
@@ -21,6 +22,14 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "silu": F.silu,
 }
+
+
+class SiluAndMul(nn.Module):
+    """SwiGLU's gating: silu(gate) * up, for gate_up = [gate | up] along the last axis."""
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
 
 def activation(name: str, family: str) -> Callable[[torch.Tensor], torch.Tensor]:

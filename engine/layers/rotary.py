@@ -52,6 +52,19 @@ class RotaryEmbedding(nn.Module):
         return angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]
 
 
+class ApplyRotary(nn.Module):
+    """Rotates a layer's q and k by their tokens' angles (a module, so that the runner can swap
+    in a fused version; this one is the reference)."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.head_dim = head_dim
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rotary(q, cos, sin, self.head_dim), apply_rotary(k, cos, sin, self.head_dim)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
     """x (num_tokens, num_heads * head_dim) rotated by its tokens' angles."""
     num_tokens = x.shape[0]

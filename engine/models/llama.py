@@ -10,21 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.layers.activations import SiluAndMul
 from engine.layers.attention import Attention, AttnMetadata
 from engine.layers.linear import MergedLinear
-from engine.layers.rotary import RotaryEmbedding, apply_rotary
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in fp32 like the reference, scale in the model dtype.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return self.weight * normed
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import ApplyRotary, RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
@@ -36,12 +26,12 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = MergedLinear(config.hidden_size, {"q_proj": q_size, "k_proj": kv_size,
                                                           "v_proj": kv_size}, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
+        self.rotary = ApplyRotary(config.head_dim)
         self.attn = Attention(config.num_heads, config.num_kv_heads, config.head_dim)
 
     def forward(self, hidden, cos, sin, meta: AttnMetadata):
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q = apply_rotary(q, cos, sin, self.head_dim)
-        k = apply_rotary(k, cos, sin, self.head_dim)
+        q, k = self.rotary(q, k, cos, sin)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -51,11 +41,11 @@ class LlamaMLP(nn.Module):
         size = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate_proj": size, "up_proj": size},
                                          bias=config.mlp_bias)
+        self.act = SiluAndMul()
         self.down_proj = nn.Linear(size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -22,7 +22,7 @@ from engine.config import ModelConfig
 from engine.layers.activations import activation
 from engine.layers.attention import AttnMetadata
 from engine.layers.moe import GroupedExperts, TopKRouter
-from engine.layers.rotary import RotaryEmbedding, apply_rotary
+from engine.layers.rotary import RotaryEmbedding
 from engine.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, RMSNorm
 
 # Mixtral checkpoints: block and expert projection names -> ours (those of Qwen2-MoE and OLMoE)
@@ -47,8 +47,7 @@ class MoeAttention(LlamaAttention):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        q = apply_rotary(q, cos, sin, self.head_dim)
-        k = apply_rotary(k, cos, sin, self.head_dim)
+        q, k = self.rotary(q, k, cos, sin)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
