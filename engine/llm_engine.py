@@ -12,7 +12,8 @@ import torch
 
 from engine.config import EngineConfig
 from engine.device import resolve_device, resolve_dtype, use_cpu_threads
-from engine.distributed import TensorParallelGroup, cpu_threads_per_rank
+from engine.distributed import TensorParallelGroup
+from engine.tp_worker import cpu_threads_per_rank
 from engine.errors import EngineStoppedError
 from engine.kv_cache import BlockManager
 from engine.limits import GenerationLimits

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _launched_rank(settings: Settings) -> int | None:
     """The rank torchrun gave this process (None: not launched); the launch must match the flags."""
-    from engine.distributed import check_launch, launched_rank
+    from engine.tp_worker import check_launch, launched_rank
     rank = launched_rank()
     if rank is not None:
         check_launch(settings.tensor_parallel_size)
@@ -182,7 +182,7 @@ def _launched_rank(settings: Settings) -> int | None:
 
 def _serve_rank(settings: Settings) -> int:
     """Rank 1.. under torchrun: load this rank's shard and run rank 0's steps; no HTTP."""
-    from engine.distributed import serve_rank
+    from engine.tp_worker import serve_rank
     try:
         serve_rank(settings.model, settings.engine_config())
     except Exception:

@@ -24,7 +24,7 @@ One decoder layer on rank r of n:
 The modules `partial_sums` matches (attention, MLP, MoE block) return partial sums, each
 all-reduced by a forward hook; the embedding looks up its own rows (the others read as zero)
 and is all-reduced too. The LM head's logits stay split by vocabulary; the runner gathers them
-on rank 0 (engine/distributed.py). Quantized blocks (GGUF Q4_0 / Q4_1 / Q8_0) are cut by rows,
+on rank 0 (engine/parallel_runner.py). Quantized blocks (GGUF Q4_0 / Q4_1 / Q8_0) are cut by rows,
 or by columns at multiples of 32; a cut inside a block dequantizes that tensor.
 """
 from __future__ import annotations
