@@ -399,19 +399,31 @@ def test_smollm2_at_three_ranks_gives_the_same_tokens():
 
 
 @pytest.mark.slow
-def test_smollm2_q4_blocks_at_three_ranks_start_with_the_same_tokens():
+def test_smollm2_q4_blocks_at_three_ranks_drift_only_as_quantization_does():
     """With its Q4_1 blocks kept (quantization auto), the ranks sum their partial products in
-    another order, and int8 activations turn such 1e-6 differences into a rounding step now
-    and then: the logits move by up to ~1 (measured), as much as the one-process quantized
-    engine's move when the same prompt shares its step with another. So, as the quantized
-    engine against float32 (tests/test_quantized_linear.py), the first tokens agree."""
+    another order, and the int8 activations turn those 1e-7 differences into a rounding step
+    now and then: measured, the logits move by up to 0.9 (3.5% in L2), as much as quantizing
+    moves them from float32 (0.97, 4.6%). So: the first tokens agree, the logits stay that
+    close until the greedy tokens part, and they part only at a near tie."""
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     requests = {f"p{i}": (prompt, params) for i, prompt in enumerate(prompts)}
     options = dict(max_num_seqs=8, kv_cache_memory="256MiB")
     single = LLMEngine("smollm2-135m-instruct", EngineConfig(**options))
     assert single.quantization_summary.mode == "gguf"
-    expected = run_requests(single, requests, seed=0)
+    expected_logits = record_logits(single)
+    run_requests(single, requests, seed=0)
     with split_engine("smollm2-135m-instruct", EngineConfig(**options, tensor_parallel_size=3)) as engine:
-        assert engine.quantization_summary.mode == "gguf"
-        assert run_requests(engine, requests, seed=0) == expected
+        assert engine.quantization_summary == single.quantization_summary
+        logits = record_logits(engine)
+        run_requests(engine, requests, seed=0)
+    for step, (ours, reference) in enumerate(zip(logits, expected_logits)):
+        relative = ((ours - reference).norm() / reference.norm()).item()
+        assert relative < 0.1, f"step {step}: logits {relative:.1%} apart"
+        parted = (ours.argmax(-1) != reference.argmax(-1)).nonzero().flatten().tolist()
+        if parted:
+            assert step > 0, "the first tokens differ"
+            top2 = reference[parted].topk(2, dim=-1).values
+            margins = (top2[:, 0] - top2[:, 1]).tolist()
+            assert max(margins) < 1.0, f"step {step}: tokens parted where the top two were {margins} apart"
+            return                                       # later steps run different tokens
