@@ -285,7 +285,8 @@ class EncoderConfig:
     batch_wait_ms: float = 2.0           # longest an input waits for others to fill its batch
     max_queue: int = 4096                # queued inputs beyond which submits are refused
     max_inputs_per_request: int = 2048
-    num_threads: int | None = None       # torch intra-op threads on CPU; None: all cores
+    num_workers: int | None = None       # threads running batches; None: on a CPU one per core, up to 4
+    num_threads: int | None = None       # torch intra-op threads of each worker on CPU; None: the cores shared out
 
     def __post_init__(self):
         _check_device_and_dtype(self.device, self.dtype)
@@ -294,6 +295,9 @@ class EncoderConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+        for name in ("num_workers", "num_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < self.max_inputs_per_request:
             raise ValueError(f"max_queue {self.max_queue} is below max_inputs_per_request "
                              f"{self.max_inputs_per_request}: a full request could never be queued")

@@ -1,14 +1,20 @@
 """Embeddings and classification with dynamic batching, and the offline `Encoder`.
 
-    callers (any thread, or asyncio)          worker thread (owns the model)
-    validate + tokenize, raise EncoderError   take queued inputs up to the token budget,
+    callers (any thread, or asyncio)          worker threads (share the model, read-only)
+    validate + tokenize, raise EncoderError   each takes queued inputs up to the token budget,
     one Job (a Future) per request     --->   one packed forward, rows handed back to Jobs;
     await / .result()                  <---   a Job resolves when its last input is in
 
+On a CPU several workers each run whole batches on a few torch threads (a 2-core machine: two
+workers of one thread) rather than one worker spreading each batch over every core: an
+encoder forward is a few hundred small ops, and with the cores shared by the HTTP event loop
+and the clients, every op's thread team waited at its barrier for a thread the OS had taken
+away (2 threads: 57 sentences/s where 1 thread did 120, on a busy 2-core machine).
+
 A request's inputs are queued one by one, so a large request fills several batches and small
 requests from many clients share one. Batches are packed: no padding outside attention.
-The model side (validation, batches, heads) lives in engine/encoder_runner.py; refusals
-are engine/errors.py's, as for generation.
+The model side (validation, batches, heads) lives in engine/encoder_runner.py, what each task
+asks and answers in engine/encoder_tasks.py; refusals are engine/errors.py's, as for generation.
 """
 from __future__ import annotations
 
@@ -21,13 +27,18 @@ from concurrent.futures import Future
 from typing import Callable, Sequence
 
 from engine.config import EncoderConfig
-from engine.device import use_cpu_threads
-from engine.encoder_runner import ClassifyOptions, EncoderOutput, EncoderRunner, Inputs, Item, Job, Truncate, run_batch
+from engine.device import default_num_threads, use_cpu_threads
+from engine.encoder_runner import EncoderOutput, EncoderRunner, Inputs, Item, Job, Truncate, run_batch
+from engine.encoder_tasks import (ClassifyOptions, SparseVector, classify_job, embed_job, fill_mask_job, rerank_job,
+                                  similarity_job, sparse_job)
 from engine.errors import EngineStoppedError, QueueFullError
 from engine.limits import EncoderStats
 
-__all__ = ["ClassifyOptions", "Encoder", "EncoderConfig", "EncoderEngine", "EncoderOutput", "length_buckets",
+__all__ = ["ClassifyOptions", "Encoder", "EncoderConfig", "EncoderEngine", "EncoderOutput", "SparseVector",
            "take_batch"]
+# task -> its job builder (engine/encoder_tasks.py): (runner, *args, **options) -> (Job, Items)
+JOBS = {"embed": embed_job, "classify": classify_job, "rerank": rerank_job, "similarity": similarity_job,
+        "embed_sparse": sparse_job, "fill_mask": fill_mask_job}
 logger = logging.getLogger(__name__)
 
 
@@ -49,18 +60,6 @@ def take_batch(queue: deque[Item], max_tokens: int, max_size: int) -> list[Item]
     return batch
 
 
-def length_buckets(batch: list[Item], max_ratio: float = 2.0) -> list[list[Item]]:
-    """The batch sorted by length and cut where an input is over max_ratio times the
-    shortest of its bucket: attention pads every input to its bucket's longest, so mixing
-    8-token and 120-token inputs would waste most of its work."""
-    buckets: list[list[Item]] = []
-    for item in sorted(batch, key=lambda item: len(item.token_ids)):
-        if not buckets or len(item.token_ids) > max_ratio * len(buckets[-1][0].token_ids):
-            buckets.append([])
-        buckets[-1].append(item)
-    return buckets
-
-
 class EncoderEngine:
     """Dynamic batching on a worker thread that owns the model; thread-safe submits.
 
@@ -70,18 +69,19 @@ class EncoderEngine:
     bounds queued *inputs*. A request waits at most `batch_wait_ms` for others to join its batch.
     """
 
-    def __init__(self, model: str, config: EncoderConfig | None = None, *,
+    def __init__(self, model: str, config: EncoderConfig | None = None, *, name: str | None = None,
                  on_batch: Callable[[int, int], None] | None = None, **options):
         self.config = config = _config(config, options)
-        self.runner = EncoderRunner(model, config, config.max_inputs_per_request)
+        self.runner = EncoderRunner(model, config, config.max_inputs_per_request, name=name)
         self.limits = self.runner.limits
         self.max_batch_tokens, self.max_batch_size = config.max_batch_tokens, config.max_batch_size
         self.batch_wait_s, self.max_queue, self.on_batch = config.batch_wait_ms / 1000, config.max_queue, on_batch
+        self.num_workers, self.threads_per_worker = worker_plan(config, self.runner.device.type)
         self._queue: deque[Item] = deque()
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._stopping, self._drain = False, True
-        self.last_progress = time.monotonic()     # for liveness: the worker touches it each loop
+        self.last_progress = time.monotonic()     # for liveness: the workers touch it each loop
 
     # --- lifecycle ---
 
@@ -89,8 +89,10 @@ class EncoderEngine:
         if self.is_alive:
             return
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="encoder-engine", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"encoder-engine-{i}", daemon=True)
+                         for i in range(self.num_workers)]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking requests; with drain, finish the queued ones first. Whatever is left
@@ -98,16 +100,32 @@ class EncoderEngine:
         with self._cond:
             self._stopping, self._drain = True, drain
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(deadline - time.monotonic(), 0))
         with self._cond:
             left, self._queue = list(self._queue), deque()
         for item in left:
             item.job.fail(EngineStoppedError("the encoder engine stopped"))
 
+    def warm_up(self) -> None:
+        """One real forward through the model's own head, so the first client does not pay
+        for lazy initialization."""
+        tasks = self.limits.tasks
+        if "embed" in tasks or not tasks:
+            future = self.submit("embed", ["warm up"])
+        elif "rerank" in tasks:
+            future = self.submit("rerank", "warm", ["up"])
+        elif "embed_sparse" in tasks:
+            future = self.submit("embed_sparse", ["warm up"])
+        else:
+            future = self.submit("classify", ["warm up"])
+        future.result()
+
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """Every worker runs."""
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
 
     def stats(self) -> EncoderStats:
         """A consistent snapshot, safe from any thread."""
@@ -116,24 +134,32 @@ class EncoderEngine:
 
     # --- submitting ---
 
-    def submit_embed(self, inputs: Inputs, normalize: bool = True,
-                     truncate: Truncate = False) -> Future[EncoderOutput]:
-        """Validates now (raises InvalidParameter); the Future gives EncoderOutput(embeddings)."""
-        return self._submit(*self.runner.embed_job(inputs, normalize, truncate))
+    def submit(self, task: str, *args, **options) -> Future[EncoderOutput]:
+        """Validates now (raises InvalidParameter / PromptTooLongError); the Future gives the
+        task's EncoderOutput. Tasks and their arguments: JOBS (engine/encoder_tasks.py)."""
+        return self._submit(*JOBS[task](self.runner, *args, **options))
+
+    async def run(self, task: str, *args, **options) -> EncoderOutput:
+        return await asyncio.wrap_future(self.submit(task, *args, **options))
+
+    def submit_embed(self, inputs: Inputs, normalize: bool = True, truncate: Truncate = False,
+                     **options) -> Future[EncoderOutput]:
+        """The Future gives EncoderOutput(embeddings: a (n, dim) float32 array)."""
+        return self.submit("embed", inputs, normalize, truncate, **options)
 
     def submit_classify(self, inputs: Inputs, candidate_labels: Sequence[str] | None = None,
                         truncate: Truncate = False,
                         options: ClassifyOptions = ClassifyOptions()) -> Future[EncoderOutput]:
         """The model's own head, or zero-shot over candidate_labels when given."""
-        return self._submit(*self.runner.classify_job(inputs, candidate_labels, truncate, options))
+        return self.submit("classify", inputs, candidate_labels, truncate, options)
 
     async def embed(self, inputs: Inputs, normalize: bool = True,
                     truncate: Truncate = False) -> EncoderOutput:
-        return await asyncio.wrap_future(self.submit_embed(inputs, normalize, truncate))
+        return await self.run("embed", inputs, normalize, truncate)
 
     async def classify(self, inputs: Inputs, candidate_labels: Sequence[str] | None = None,
                        truncate: Truncate = False, options: ClassifyOptions = ClassifyOptions()) -> EncoderOutput:
-        return await asyncio.wrap_future(self.submit_classify(inputs, candidate_labels, truncate, options))
+        return await self.run("classify", inputs, candidate_labels, truncate, options)
 
     def _submit(self, job: Job, items: list[Item]) -> Future[EncoderOutput]:
         # Longest first inside a request, so its batches hold inputs of similar length.
@@ -151,15 +177,15 @@ class EncoderEngine:
     # --- the worker ---
 
     def _loop(self) -> None:
-        use_cpu_threads(self.config.num_threads)
+        if self.runner.device.type == "cpu":
+            use_cpu_threads(self.threads_per_worker)
         while (batch := self._next_batch()) is not None:
-            for bucket in length_buckets(batch):
-                try:
-                    run_batch(self.runner, bucket, self.on_batch)
-                except Exception as exc:  # our bug: answer this batch, keep serving the rest
-                    logger.exception("encoder worker failed on a batch")
-                    for item in bucket:
-                        item.job.fail(exc)
+            try:
+                run_batch(self.runner, batch, self.on_batch)
+            except Exception as exc:      # our bug: answer this batch, keep serving the rest
+                logger.exception("encoder worker failed on a batch")
+                for item in batch:
+                    item.job.fail(exc)
             self.last_progress = time.monotonic()
 
     def _next_batch(self) -> list[Item] | None:
@@ -189,8 +215,8 @@ class EncoderEngine:
 
 
 class Encoder:
-    """Offline embeddings and classification (no thread): `Encoder("all-minilm-l6-v2")`,
-    with EncoderConfig's fields as options, like `LLM`.
+    """Offline encoder tasks (no thread): `Encoder("all-minilm-l6-v2")`, with EncoderConfig's
+    fields as options, like `LLM`.
 
     Runs the same packed batches as EncoderEngine, sorted by length over the whole call."""
 
@@ -208,21 +234,54 @@ class Encoder:
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.runner.tokenizer.encode(text, add_special_tokens)
 
-    def embed(self, inputs: Inputs, normalize: bool = True, truncate: Truncate = False) -> list[list[float]]:
-        """Strings or token-id lists -> one vector each, L2-normalized unless normalize=False."""
-        return self._execute(*self.runner.embed_job(inputs, normalize, truncate))
+    def embed(self, inputs: Inputs, normalize: bool = True, truncate: Truncate = False, *,
+              dimensions: int | None = None, prompt_name: str | None = None) -> list[list[float]]:
+        """Strings or token-id lists -> one vector each, L2-normalized unless normalize=False;
+        `dimensions` keeps the first ones (Matryoshka), `prompt_name` one of the model's prompts."""
+        return self._execute("embed", inputs, normalize, truncate, dimensions=dimensions,
+                             prompt_name=prompt_name).tolist()
 
     def classify(self, inputs: Inputs, candidate_labels: Sequence[str] | None = None,
                  truncate: Truncate = False, options: ClassifyOptions = ClassifyOptions()) -> list[list[dict]]:
         """[[{label, score}, ...] sorted by score] per input: the model's own head, or
         zero-shot by cosine similarity to each of candidate_labels."""
-        return self._execute(*self.runner.classify_job(inputs, candidate_labels, truncate, options))
+        return self._execute("classify", inputs, candidate_labels, truncate, options)
 
-    def _execute(self, job: Job, items: list[Item]) -> list:
+    def rerank(self, query: str, texts: Sequence[str], truncate: Truncate = False,
+               raw_scores: bool = False) -> list[float]:
+        """A relevance score per text, in order: a cross-encoder's sigmoid(logit) (raw_scores:
+        the logit), or a bi-encoder's cosine."""
+        return self._execute("rerank", query, texts, truncate, raw_scores)
+
+    def similarity(self, source: str, sentences: Sequence[str], truncate: Truncate = False) -> list[float]:
+        """The cosine of each sentence with the source sentence."""
+        return self._execute("similarity", source, sentences, truncate)
+
+    def embed_sparse(self, inputs: Inputs, truncate: Truncate = False) -> list[SparseVector]:
+        """SPLADE: the non-zero vocabulary weights of each input (a masked-LM checkpoint)."""
+        return self._execute("embed_sparse", inputs, truncate)
+
+    def fill_mask(self, inputs: str | Sequence[str], top_k: int = 5,
+                  targets: Sequence[str] | None = None) -> list[list[list[dict]]]:
+        """Per input, per [MASK]: [{token, token_str, score, sequence}] best first."""
+        return self._execute("fill_mask", inputs, top_k, targets)
+
+    def _execute(self, task: str, *args, **options):
+        job, items = JOBS[task](self.runner, *args, **options)
         queue = deque(sorted(items, key=lambda item: -len(item.token_ids)))
         while queue:
             run_batch(self.runner, take_batch(queue, self.max_batch_tokens, self.max_batch_size))
         return job.future.result().data
+
+
+def worker_plan(config: EncoderConfig, device_type: str) -> tuple[int, int | None]:
+    """(worker threads, torch threads each). On a CPU: one worker per core up to 4, the cores
+    shared out between them; elsewhere one worker (its device runs one batch at a time)."""
+    if device_type != "cpu":
+        return config.num_workers or 1, config.num_threads
+    cores = default_num_threads()
+    workers = config.num_workers or min(cores, 4)
+    return workers, config.num_threads or max(1, cores // workers)
 
 
 def _config(config: EncoderConfig | None, options: dict) -> EncoderConfig:

@@ -84,3 +84,8 @@ class EncoderLimits:
     max_inputs_per_request: int | None   # None: no limit (offline)
     device: str
     dtype: str
+    tasks: frozenset[str] = frozenset()  # what it answers: embed, similarity, classify, rerank, embed_sparse, fill_mask
+    rerank_scoring: str = "cosine"       # "cross-encoder" (a one-label head) | "cosine" (a bi-encoder)
+    prompts: tuple[str, ...] = ()        # prompt names from its sentence-transformers config
+    default_prompt_name: str | None = None
+    mask_token: str | None = None        # fill-mask: the text of its [MASK] token

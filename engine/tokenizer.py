@@ -121,6 +121,31 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_pair(self, first: str, second: str, max_length: int | None = None, strategy: str = "longest_first",
+                    direction: str = "right", max_second: int | None = None) -> tuple[list[int], list[int]]:
+        """(ids, token type ids) of a pair as the model's template joins it ([CLS] first [SEP]
+        second [SEP] for BERT: types 0 then 1). With max_length (special tokens included) the
+        texts are cut as transformers' tokenizers cut them: "longest_first" takes from the longer
+        text (both to half when each is too long), "only_second" from the second alone; ValueError
+        when they cannot fit. direction "left" cuts a text's start instead of its end; max_second
+        cuts the second text to that many tokens first (Cohere's max_tokens_per_doc)."""
+        a = self._backend.encode(first, add_special_tokens=False)
+        b = self._backend.encode(second, add_special_tokens=False)
+        if max_second is not None:
+            b.truncate(max_second, direction=direction)
+        if max_length is not None:
+            room = max_length - self.num_special_tokens(pair=True)
+            n1, n2 = pair_lengths(len(a.ids), len(b.ids), room, strategy)
+            a.truncate(n1, direction=direction)
+            b.truncate(n2, direction=direction)
+        pair = self._backend.post_process(a, b, add_special_tokens=True)
+        return pair.ids, pair.type_ids
+
+    def num_special_tokens(self, pair: bool = False) -> int:
+        """Special tokens the template adds to one text (or to a pair)."""
+        processor = self._backend.post_processor
+        return 0 if processor is None else processor.num_special_tokens_to_add(pair)
+
     def encode_with_spans(self, text: str, add_special_tokens: bool = True) -> "EncodedText":
         """Ids, and each token's character span read one at a time: a million-token text never
         holds Python's lock for long (encode_batch releases it; building every offset at once
@@ -182,6 +207,25 @@ class Tokenizer:
             raise ValueError("this model has no chat template (none in tokenizer_config.json, "
                              "chat_template.jinja or the GGUF metadata); send a plain prompt instead")
         return self.chat_template
+
+
+def pair_lengths(n1: int, n2: int, room: int, strategy: str) -> tuple[int, int]:
+    """How many tokens of each text a pair keeps in `room` tokens, as the tokenizers library
+    truncates: "longest_first" keeps a short text whole and cuts the longer one, or halves the
+    room when both are long (an odd token to the longer); "only_second" cuts the second."""
+    if n1 + n2 <= room:
+        return n1, n2
+    if strategy == "only_second":
+        if n1 >= room:
+            raise ValueError(f"the first text alone has {n1} tokens: no room for the second in {room}")
+        return n1, room - n1
+    if strategy != "longest_first":
+        raise ValueError(f"truncation strategy must be longest_first or only_second, got {strategy!r}")
+    if room < 2:
+        raise ValueError(f"a pair needs at least 2 tokens of room, got {room}")
+    short, long = sorted((n1, n2))
+    short, long = (room // 2, room // 2 + room % 2) if short > room // 2 else (short, room - short)
+    return (short, long) if n1 <= n2 else (long, short)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from service.errors import install_handlers
 from service.middleware import OPEN_PATHS, ServiceMiddleware
-from service.routes import admin, openai, tei, tgi
+from service.routes import admin, cohere, openai, tei, tgi
 from service.runtime import VERSION, Server
 from service.schemas import ChatCompletionChunk, Completion, NativeError, OpenAIErrorResponse, StreamResponse
 from service.settings import Settings
@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     app.state.server = server
     app.openapi = lambda: _openapi(app, server)
     install_handlers(app)
-    routers = [tgi.router, tei.router, openai.router, admin.router]
+    routers = [tgi.router, tei.router, openai.router, cohere.router, admin.router]
     for router in routers:
         app.include_router(router)
     routes = frozenset(route.path for router in routers for route in router.routes) | _DOC_PATHS
@@ -95,11 +95,14 @@ def _add_model_bounds(spec: dict, server: Server) -> None:
                   ("ChatCompletionRequest", "max_completion_tokens", None, server.max_model_len)]
         vocab = server.generator.limits.vocab_size
         token_ids = [("CompletionRequest", "prompt", vocab), ("DetokenizeRequest", "inputs", vocab)]
-    if "embed" in server.encoders:
-        limits = server.encoders["embed"].limits
-        bounds.append(("EmbeddingRequest", "dimensions", limits.hidden_size, limits.hidden_size))
-        token_ids += [("EmbedRequest", "inputs", limits.vocab_size),
-                      ("EmbeddingRequest", "input", limits.vocab_size)]
+    embedders = [server.encoders[name].limits for name in server.served_models("embed")]
+    if embedders:                             # the widest of them, when there are several
+        dimension, vocab = max(e.hidden_size for e in embedders), max(e.vocab_size for e in embedders)
+        bounds += [("EmbeddingRequest", "dimensions", 1, dimension), ("EmbedRequest", "dimensions", 1, dimension)]
+        token_ids += [("EmbedRequest", "inputs", vocab), ("EmbeddingRequest", "input", vocab)]
+    sparse = [server.encoders[name].limits for name in server.served_models("embed_sparse")]
+    if sparse:
+        token_ids.append(("SparseEmbedRequest", "inputs", max(e.vocab_size for e in sparse)))
     for component, field, minimum, maximum in bounds:
         prop = components[component]["properties"][field]
         for branch in prop.get("anyOf", [prop]):

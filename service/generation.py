@@ -130,6 +130,7 @@ async def admit(server: Server, info: RequestInfo, prompts: Sequence[str | list[
     asked_max_tokens names the field when the client set the cap itself: then a prompt and
     cap that do not fit the model together are a 400 (as vLLM), where a default cap is cut."""
     server.require_generator()
+    info.model = server.model_id
     generator, limit = server.generator, server.settings.max_queue
     generator.limits.validate_n(params.n)
     num_seqs = len(prompts) * params.n

@@ -34,8 +34,9 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         ns = "attnserve"
         # Counters
-        self.requests = Counter("requests_total", "HTTP requests by route and status code",
-                                ["route", "status"], namespace=ns, registry=r)
+        self.requests = Counter("requests_total", "HTTP requests by route, status code and the model that "
+                                "served them (empty for routes without one)",
+                                ["route", "status", "model"], namespace=ns, registry=r)
         self.prompt_tokens = Counter("prompt_tokens_total", "prompt tokens of admitted generation requests",
                                      namespace=ns, registry=r)
         self.generation_tokens = Counter("generation_tokens_total", "tokens generated for clients",
@@ -50,8 +51,8 @@ class Metrics:
                                ["reason"], namespace=ns, registry=r)
         for reason in ABORT_REASONS:
             self.aborted.labels(reason)
-        self.embed_inputs = Counter("embed_inputs_total", "inputs embedded or classified",
-                                    namespace=ns, registry=r)
+        self.embed_inputs = Counter("embed_inputs_total", "inputs the encoders ran, by model",
+                                    ["model"], namespace=ns, registry=r)
         # Gauges (live)
         self.running = Gauge("num_requests_running", "generation requests being run",
                              namespace=ns, registry=r)
@@ -75,8 +76,8 @@ class Metrics:
                                        buckets=STEP_BUCKETS, namespace=ns, registry=r)
         self.batch_size = Histogram("batch_size", "sequences per engine step",
                                     buckets=SIZE_BUCKETS, namespace=ns, registry=r)
-        self.embed_batch_size = Histogram("embed_batch_size", "inputs per encoder batch",
-                                          buckets=SIZE_BUCKETS, namespace=ns, registry=r)
+        self.embed_batch_size = Histogram("embed_batch_size", "inputs per encoder batch, by model",
+                                          ["model"], buckets=SIZE_BUCKETS, namespace=ns, registry=r)
         self.build = Info("build", "version and what is served", namespace=ns, registry=r)
         for gauge in (self.running, self.waiting, self.kv_usage, self.engine_alive):
             gauge.set_function(lambda: 0.0)
@@ -107,8 +108,8 @@ class Metrics:
         if stats.num_prefix_hits:
             self.prefix_hits.inc(stats.num_prefix_hits)
 
-    def observe_embed_batch(self, num_inputs: int, num_tokens: int) -> None:
-        self.embed_batch_size.observe(num_inputs)
+    def observe_embed_batch(self, model: str, num_inputs: int, num_tokens: int) -> None:
+        self.embed_batch_size.labels(model).observe(num_inputs)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

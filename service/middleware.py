@@ -144,7 +144,7 @@ class ServiceMiddleware:
     def _record(self, scope: Scope, info: RequestInfo, duration: float) -> None:
         status = info.status or 500
         metrics = self.server.metrics
-        metrics.requests.labels(info.route, str(status)).inc()
+        metrics.requests.labels(info.route, str(status), info.model).inc()
         metrics.request_duration.labels(info.route).observe(duration)
         prompt = ""
         if self.server.settings.log_prompts and info.prompt is not None:

@@ -28,7 +28,14 @@ T = TypeVar("T")
 VERSION = "0.1.0"
 # task -> (what it is called, the flag that serves it)
 _TASKS = {"generate": ("generation", "--model"), "embed": ("embedding", "--embedding-model"),
-          "classify": ("classifier", "--classifier-model")}
+          "similarity": ("embedding", "--embedding-model"),
+          "classify": ("classifier", "--classifier-model"), "rerank": ("reranker", "--reranker-model"),
+          "embed_sparse": ("sparse-embedding (SPLADE)", "--embedding-model and a masked-LM checkpoint"),
+          "fill_mask": ("masked-LM (fill-mask)", "--embedding-model and a masked-LM checkpoint")}
+# an encoder flag's role -> the tasks a model it names serves (those the checkpoint can)
+_ROLE_TASKS = {"embed": ("embed", "similarity", "embed_sparse", "fill_mask"), "classify": ("classify",),
+               "rerank": ("rerank",)}
+_ROLE_FLAGS = {"embed": "--embedding-model", "classify": "--classifier-model", "rerank": "--reranker-model"}
 _WARMUP_PROMPT = "Hello"
 # After --drain-timeout, what is aborted gets this long to be answered; the process then exits.
 _DRAIN_GRACE_S = 1.5
@@ -44,6 +51,7 @@ class RequestInfo:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prompt: str | None = None            # logged only with --log-prompts
+    model: str = ""                      # the model that served it (the requests_total label)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -55,8 +63,9 @@ class Server:
         self.error: str | None = None
         self.on_fatal = on_fatal
         self.generator = None            # AsyncLLMEngine
-        self.encoders: dict[str, Any] = {}   # "embed" / "classify" -> EncoderEngine
-        self.model_id = settings.model or settings.embedding_model or settings.classifier_model
+        self.encoders: dict[str, Any] = {}   # model name -> EncoderEngine
+        self.tasks: dict[str, list[str]] = {}   # task -> names of the encoders serving it, the default first
+        self.model_id = settings.model or next(name for _, name, _ in settings.encoders())
         self.num_admitting = 0           # sequences past the queue check, not yet in the engine
         self.num_in_flight = 0           # requests on the model routes not yet answered (middleware)
         # Tokenizing has threads of its own: admission's (generation, embeddings) and the
@@ -107,29 +116,43 @@ class Server:
         generator.start()
 
     def _load_encoders(self) -> None:
-        """The embedding and classifier models; one engine when both name the same model."""
+        """Every encoder flag's models (one engine per name), each serving the tasks of its
+        flag that its checkpoint can; with no --classifier-model (--reranker-model) the
+        embedding models classify zero-shot (rerank by cosine)."""
+        roles = {role for role, _, _ in self.settings.encoders()}
+        specs = self.settings.encoders() + [("classify", name, path) for role, name, path in self.settings.encoders()
+                                            if role == "embed" and "classify" not in roles] \
+            + [("rerank", name, path) for role, name, path in self.settings.encoders()
+               if role == "embed" and "rerank" not in roles]
+        for role, name, path in specs:
+            if name not in self.encoders:
+                self.encoders[name] = self._load_encoder(name, path)
+            can = self.encoders[name].limits.tasks
+            tasks = [task for task in _ROLE_TASKS[role] if task in can]
+            explicit = (role, name, path) in self.settings.encoders()
+            if not tasks and explicit:
+                raise ValueError(f"{_ROLE_FLAGS[role]} {name}: this checkpoint serves {', '.join(sorted(can))}, "
+                                 f"none of {', '.join(_ROLE_TASKS[role])}")
+            for task in tasks:
+                if name not in self.tasks.setdefault(task, []):
+                    self.tasks[task].append(name)
+
+    def _load_encoder(self, name: str, path: str):
         from engine.encoder_engine import EncoderEngine
-        s = self.settings
-        by_model: dict[str, Any] = {}
-        for task, model in (("embed", s.embedding_model), ("classify", s.classifier_model or s.embedding_model)):
-            if model is None:
-                continue
-            if model not in by_model:
-                started = time.monotonic()
-                encoder = EncoderEngine(model, s.encoder_config())
-                encoder.start()
-                encoder.submit_embed(["warm up"]).result()          # one real forward
-                encoder.on_batch = self.metrics.observe_embed_batch
-                by_model[model] = encoder
-                logger.info("loaded encoder %s in %.1fs: max length %d, dimension %d", model,
-                            time.monotonic() - started, encoder.limits.max_length,
-                            encoder.limits.hidden_size)
-            self.encoders[task] = by_model[model]
+        started = time.monotonic()
+        encoder = EncoderEngine(path, self.settings.encoder_config(), name=name)
+        encoder.start()
+        encoder.warm_up()                                       # one real forward
+        encoder.on_batch = partial(self.metrics.observe_embed_batch, name)
+        limits = encoder.limits
+        logger.info("loaded encoder %s (%s) in %.1fs: max length %d, dimension %d, serves %s", name, path,
+                    time.monotonic() - started, limits.max_length, limits.hidden_size, ", ".join(sorted(limits.tasks)))
+        return encoder
 
     def _watch_encoders(self) -> None:
-        """With no generation model, engine_alive follows the encoders; the id is the embedder's."""
+        """With no generation model, engine_alive follows the encoders; the id is the first's."""
         encoders = list(self.encoders.values())
-        self.model_id = self.encoder_ids().get("embed") or self.encoder_ids().get("classify")
+        self.model_id = self.encoder_ids().get("embed") or next(iter(self.encoders))
         self.metrics.set_build(VERSION, self.model_id, self.settings.device, self.settings.dtype)
         self.metrics.bind_engine(lambda: 0, lambda: 0, lambda: 0.0,
                                  lambda: all(encoder.is_alive for encoder in encoders))
@@ -222,25 +245,35 @@ class Server:
         self.resolve_model("generate", None)
 
     def encoder_ids(self) -> dict[str, str]:
-        """task ("embed" / "classify") -> the id of the model serving it, once loaded."""
-        return {task: encoder.limits.model_id for task, encoder in self.encoders.items()}
+        """task -> the id of its default encoder (the first named), once loaded."""
+        return {task: names[0] for task, names in self.tasks.items() if names}
 
     def served_models(self, task: str) -> list[str]:
-        """Ids of the models serving a task: "generate", "embed" or "classify"."""
+        """Ids of the models serving a task ("generate" or an encoder task: "embed",
+        "similarity", "classify", "rerank", "embed_sparse", "fill_mask"), the default first."""
         if task == "generate":
             return [self.model_id] if self.generator is not None else []
-        return [self.encoders[task].limits.model_id] if task in self.encoders else []
+        return list(self.tasks.get(task, []))
+
+    def encoder(self, task: str, requested: str | None = None):
+        """The EncoderEngine serving `task` under the name a request gave (see resolve_model)."""
+        return self.encoders[self.resolve_model(task, requested)]
 
     def resolve_model(self, task: str, requested: str | None) -> str:
-        """The id of the model a request names. A name no model has falls back to the one model
-        of its task, as TGI and llama.cpp's server do (clients send placeholders: "gpt-3.5-turbo",
-        "dummy"); with several of a task, or with --strict-model-names, it is a 404."""
+        """The id of the model a request names; none named: the task's default (the first).
+        A name no model has falls back to the one model of its task, as TGI and llama.cpp's
+        server do (clients send placeholders: "gpt-3.5-turbo", "dummy"); with several of a task,
+        or with --strict-model-names, it is a 404 listing them."""
         served = self.served_models(task)
         if requested in served or (requested is None and served):
             return requested or served[0]
+        what, flag = _TASKS[task]
+        if requested in self.encoders or (requested is not None and requested == self.model_id):
+            raise APIError(404, f"the model {requested!r} does not serve {task.replace('_', ' ')}; "
+                           f"{', '.join(map(repr, served)) or 'no model'} does (see /v1/models)",
+                           param="model", code="model_not_found")
         if len(served) == 1 and not self.settings.strict_model_names:
             return served[0]
-        what, flag = _TASKS[task]
         if not served:
             raise APIError(404, f"this server serves no {what} model (start it with {flag})",
                            param="model", code="model_not_found")

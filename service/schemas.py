@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from engine.encoder_tasks import MAX_FILL_MASK_TOP_K
 from engine.sampling import MAX_ABS_PENALTY, MAX_REPETITION_PENALTY, MAX_SEED, MAX_TEMPERATURE, MAX_TOP_LOGPROBS
 
 # What the HTTP API allows beyond the engine's own bounds (imported above).
@@ -278,6 +279,18 @@ class DetokenizeResponse(BaseModel):
 
 # --- admin -------------------------------------------------------------------------------
 
+class ServedModel(BaseModel):
+    id: str
+    tasks: list[str] = Field(description="what it answers: generate, or the encoder tasks embed, similarity, "
+                             "classify, rerank, embed_sparse, fill_mask")
+    max_input_tokens: int
+    dimension: int | None = Field(None, description="encoders: the hidden size (dense embeddings' length)")
+    rerank_scoring: Literal["cross-encoder", "cosine"] | None = Field(
+        None, description="when it reranks: by its one-label head, or (a bi-encoder) by cosine")
+    prompts: list[str] = Field(default_factory=list, description="prompt names it takes (prompt_name)")
+    default_prompt_name: str | None = None
+
+
 class Info(BaseModel):
     model_id: str
     model_dtype: str
@@ -299,8 +312,10 @@ class Info(BaseModel):
     max_queue: int
     max_stop_sequences: int | None = None
     max_best_of: int | None = None
-    embedding_model_id: str | None = None
+    embedding_model_id: str | None = None     # each task's default encoder (the first named)
     classifier_model_id: str | None = None
+    reranker_model_id: str | None = None
+    models: list[ServedModel] = Field(default_factory=list, description="every model served, with its tasks")
     max_batch_tokens: int                     # the encoders' batch limits (TEI's names)
     max_batch_size: int
     num_queued_inputs: int = 0                # inputs waiting for the encoders
@@ -507,7 +522,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "attnserve"
     max_model_len: int | None = None
-    task: Literal["generate", "embed", "classify"]
+    task: Literal["generate", "embed", "classify", "rerank", "embed_sparse", "fill_mask"] = Field(
+        description="its main task: the first of tasks")
+    tasks: list[str] = Field(description="every task it serves (embed models also answer similarity)")
 
 
 class ModelList(BaseModel):
@@ -515,22 +532,47 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-# --- encoders: TEI /embed, /classify; OpenAI /v1/embeddings -------------------------------
+# --- encoders: TEI /embed, /classify, /rerank, /similarity, /embed_sparse; /fill_mask;
+# OpenAI /v1/embeddings; Cohere / Jina /v1/rerank ------------------------------------------
 
 MAX_EMBED_INPUTS = 2048       # the encoder engine's per-request limit
 MAX_LABELS = 64
+MAX_FILL_MASK_INPUTS = 64
 
 EmbedInputs = NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_EMBED_INPUTS)] \
     | PromptIds | Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+Texts = Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+TruncationDirection = Literal["Right", "right", "Left", "left"]
+
+
+def _model_field(task: str):
+    return Field(None, description=f"the served {task} model to use, by its id (see /v1/models); null: the "
+                 "first one the server was started with")
+
+
+def _truncate_field():
+    return Field(None, description="cut inputs longer than the model allows (else 400); null: the server's "
+                 "--auto-truncate")
+
+
+def _direction_field():
+    return Field("Right", description="which end truncation cuts: Right (the end) or Left (the start)")
+
+
+def _prompt_field():
+    return Field(None, description="a prompt of the model's sentence-transformers config (config_sentence_"
+                 "transformers.json), put before each text input; null: its default_prompt_name, if any")
 
 
 class EmbedRequest(Strict):
-    inputs: EmbedInputs
-    normalize: bool = True
-    truncate: bool | None = Field(None, description="cut inputs longer than the model allows (else 400); "
-                                  "null: the server's --auto-truncate")
-    truncation_direction: Literal["Right", "right"] = Field("Right", description="only Right is supported")
-    prompt_name: None = Field(None, description="not supported: null")
+    inputs: EmbedInputs = Field(description="a text, token ids, or a list of up to 2,048 of either")
+    normalize: bool = Field(True, description="L2-normalize each vector")
+    truncate: bool | None = _truncate_field()
+    truncation_direction: TruncationDirection = _direction_field()
+    prompt_name: Annotated[str, Field(min_length=1, max_length=256)] | None = _prompt_field()
+    dimensions: int_in(1) | None = Field(None, description="keep the first N dimensions (Matryoshka), then "
+                                         "L2-normalize (unless normalize=false); null: all of them")
+    model: str | None = _model_field("embedding")
 
 
 CandidateLabels = Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]],
@@ -549,14 +591,17 @@ class ClassifyParameters(Strict):
 
 
 class ClassifyRequest(Strict):
-    inputs: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+    inputs: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_EMBED_INPUTS)] \
+        = Field(description="a text or a list of up to 2,048 texts")
     candidate_labels: CandidateLabels | None = Field(
         None, description="zero-shot labels; null: the model's own classification head (a model "
         "without one needs labels: 422 otherwise)")
-    truncate: bool | None = Field(None, description="null: the server's --auto-truncate")
-    truncation_direction: Literal["Right", "right"] = "Right"
+    truncate: bool | None = _truncate_field()
+    truncation_direction: TruncationDirection = _direction_field()
     raw_scores: Literal[False] = Field(False, description="not supported: false")
-    parameters: ClassifyParameters | None = None
+    parameters: ClassifyParameters | None = Field(None, description="huggingface_hub's place for the "
+                                                  "options (candidate_labels given once)")
+    model: str | None = _model_field("classifier")
 
     @field_validator("raw_scores", mode="before")
     @classmethod
@@ -579,12 +624,156 @@ class LabelScore(BaseModel):
     score: float
 
 
+class RerankRequest(Strict):
+    """TEI's /rerank."""
+    query: NonEmptyText = Field(description="read first in each (query, text) pair")
+    texts: Texts = Field(description="up to 2,048 texts to score against the query")
+    raw_scores: bool = Field(False, description="a cross-encoder's logits, not their sigmoid")
+    return_text: bool = Field(False, description="each answer also holds its text")
+    truncate: bool | None = Field(None, description="cut a (query, text) pair longer than the model allows, "
+                                  "the longer of the two first (else 400); null: the server's --auto-truncate")
+    truncation_direction: TruncationDirection = _direction_field()
+    model: str | None = _model_field("reranker")
+
+
+class RankedText(BaseModel):
+    index: int = Field(description="the text's position in the request")
+    score: float = Field(description="cross-encoder: sigmoid of its logit (raw_scores: the logit); "
+                         "bi-encoder: the cosine of the query's and the text's embeddings")
+    text: str | None = Field(None, description="with return_text")
+
+
+class RerankDocument(Strict):
+    text: NonEmptyText = Field(description="the document's text")
+
+
+class CohereRerankRequest(Strict):
+    """Cohere's rerank (v1 and v2) and Jina's, as vLLM, LiteLLM, LangChain and LlamaIndex send it."""
+    model: str | None = _model_field("reranker")
+    query: NonEmptyText = Field(description="never cut: 400 when it leaves a document no room")
+    documents: Annotated[list[NonEmptyText | RerankDocument], Field(min_length=1, max_length=MAX_EMBED_INPUTS)] \
+        = Field(description="texts, or {text} objects")
+    top_n: int_in(1) | None = Field(None, description="answer the best N; null: all")
+    return_documents: bool = Field(False, description="each result also holds its document as {text}")
+    max_tokens_per_doc: int_in(1, MAX_TOKENS_BOUND) | None = Field(
+        None, description="cut each document to N tokens first. Documents that do not fit beside the query are "
+        "cut to fit; the query is never cut (400 when it leaves no room)")
+    max_chunks_per_doc: None = Field(None, description="not supported: null")
+    rank_fields: None = Field(None, description="not supported: null")
+    relevant_spans: None = Field(None, description="not supported: null")
+    priority: Literal[0] | None = Field(None, description="one queue serves every request: null or 0")
+
+    @field_validator("max_chunks_per_doc", "rank_fields", "relevant_spans", mode="before")
+    @classmethod
+    def _null_only(cls, v, info):
+        return _neutral(v, (None,), info.field_name)
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _priority(cls, v):
+        return _neutral(v, (None, 0), "priority other than 0")
+
+    @property
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float = Field(description="cross-encoder: sigmoid of its logit, in [0, 1]; bi-encoder: "
+                                   "the cosine of the query's and the document's embeddings")
+    document: RerankDocument | None = Field(None, description="with return_documents")
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    results: list[RerankResult] = Field(description="best first")
+    usage: RerankUsage
+    meta: dict = Field(description="Cohere's: api_version, billed_units, tokens")
+
+
+class SimilarityInputs(Strict):
+    source_sentence: NonEmptyText = Field(description="what each sentence is compared with")
+    sentences: Texts = Field(description="up to 2,048 sentences")
+
+
+class SimilarityParameters(Strict):
+    """Where huggingface_hub's sentence_similarity puts options."""
+    truncate: bool | None = _truncate_field()
+    truncation_direction: TruncationDirection | None = Field(None, description="as top-level")
+    prompt_name: Annotated[str, Field(min_length=1, max_length=256)] | None = _prompt_field()
+
+
+class SimilarityRequest(Strict):
+    inputs: SimilarityInputs = Field(description="the Hugging Face Inference API's sentence-similarity input")
+    truncate: bool | None = _truncate_field()
+    truncation_direction: TruncationDirection = _direction_field()
+    prompt_name: Annotated[str, Field(min_length=1, max_length=256)] | None = _prompt_field()
+    parameters: SimilarityParameters | None = Field(None, description="huggingface_hub's place for the same "
+                                                    "options; what is set here wins")
+    model: str | None = _model_field("embedding")
+
+
+class SparseEmbedRequest(Strict):
+    inputs: EmbedInputs = Field(description="a text, token ids, or a list of up to 2,048 of either")
+    truncate: bool | None = _truncate_field()
+    truncation_direction: TruncationDirection = _direction_field()
+    prompt_name: None = Field(None, description="not supported: null")
+    model: str | None = _model_field("sparse-embedding")
+
+
+class SparseValue(BaseModel):
+    index: int = Field(description="a vocabulary id")
+    value: float = Field(description="its weight, > 0 (ids with weight 0 are left out)")
+
+
+class FillMaskParameters(Strict):
+    """Where huggingface_hub's fill_mask puts options."""
+    top_k: int_in(1, MAX_FILL_MASK_TOP_K) | None = Field(None, description="proposals per mask (default 5)")
+    targets: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]],
+                       Field(min_length=1, max_length=MAX_LABELS)] | None = Field(
+        None, description="only these tokens (a word not in the vocabulary: its first token)")
+
+
+class FillMaskRequest(FillMaskParameters):
+    inputs: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_FILL_MASK_INPUTS)] \
+        = Field(description="text holding the model's mask token ([MASK] for BERT), or a list of such")
+    parameters: FillMaskParameters | None = Field(None, description="huggingface_hub's place for top_k and "
+                                                  "targets (give each once)")
+    truncate: bool | None = _truncate_field()
+    model: str | None = _model_field("masked-LM")
+
+    @model_validator(mode="after")
+    def _options_once(self):
+        for name in ("top_k", "targets"):
+            if getattr(self, name) is not None and self.parameters and getattr(self.parameters, name) is not None:
+                raise ValueError(f"{name} is given twice (top level and parameters): give it once")
+        return self
+
+    def option(self, name: str):
+        value = getattr(self, name)
+        return value if value is not None or self.parameters is None else getattr(self.parameters, name)
+
+
+class FillMaskProposal(BaseModel):
+    token: int
+    token_str: str
+    score: float
+    sequence: str = Field(description="the input with this mask filled")
+
+
 class EmbeddingRequest(Strict):
-    input: EmbedInputs
-    model: str | None = Field(None, description="the served embedding model id; null: it")
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int_in(1) | None = Field(None, description="null or the model's own size")
-    user: str | None = None
+    input: EmbedInputs = Field(description="a text, token ids, or a list of up to 2,048 of either")
+    model: str | None = _model_field("embedding")
+    encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32")
+    dimensions: int_in(1) | None = Field(None, description="keep the first N dimensions (Matryoshka), then "
+                                         "L2-normalize; null: all of them")
+    user: str | None = Field(None, description="accepted, unused")
     truncate_prompt_tokens: Annotated[int, Field(ge=-1), BeforeValidator(_integral)] | None = Field(
         None, description="cut each input to at most N tokens (-1: the model's maximum), as vLLM; "
         "null: the server's --auto-truncate")

@@ -2,6 +2,8 @@
 
 Flags win over the environment, the environment over defaults. `--api-key` repeats; its
 environment form is `ATTNSERVE_API_KEYS`, a comma-separated list (`ATTNSERVE_API_KEY` holds one).
+`--embedding-model`, `--classifier-model` and `--reranker-model` repeat too (each entry a
+model or NAME=PATH); their environment forms are comma lists.
 """
 from __future__ import annotations
 
@@ -21,8 +23,13 @@ _NO_MODEL = ("", "none", "null", "off")
 _HELP = {
     "model": "generation model: a default name, an HF checkpoint dir or a .gguf file "
              "('none' serves encoders only, like TEI)",
-    "embedding_model": "encoder for /embed and /v1/embeddings ('none' serves no encoder)",
-    "classifier_model": "encoder for /classify (unset: the embedding model)",
+    "embedding_model": "encoder for /embed, /v1/embeddings, /similarity, and /embed_sparse and /fill_mask "
+                       "when it has a masked-LM head: a default name, a directory, or NAME=PATH to serve it "
+                       "as NAME (repeatable: requests pick one by `model`; the first is the default; "
+                       "'none' serves no encoder)",
+    "classifier_model": "encoder for /classify (repeatable, NAME=PATH; unset: the embedding models, zero-shot)",
+    "reranker_model": "cross-encoder for /rerank and /v1/rerank (repeatable, NAME=PATH; a bi-encoder reranks "
+                      "by cosine; unset: the embedding models, by cosine)",
     "api_keys": "accepted bearer key (repeatable); none configured means no auth",
     "kv_cache_memory": "bytes for the KV pool, e.g. 2GiB (unset: decided by the device)",
     "max_queue": "waiting generation requests beyond which new ones get 429",
@@ -67,8 +74,9 @@ class Settings(BaseSettings):
                                       protected_namespaces=())
 
     model: str | None = "smollm2-135m-instruct"
-    embedding_model: str | None = "all-minilm-l6-v2"
-    classifier_model: str | None = None
+    embedding_model: Annotated[list[str], NoDecode] = ["all-minilm-l6-v2"]
+    classifier_model: Annotated[list[str], NoDecode] = []
+    reranker_model: Annotated[list[str], NoDecode] = []
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_keys: Annotated[list[str], NoDecode] = []
@@ -100,16 +108,28 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int | None = Field(None, ge=1)
     default_max_tokens: int | None = Field(None, ge=1)
 
-    @field_validator("model", "embedding_model", "classifier_model", mode="before")
+    @field_validator("model", mode="before")
     @classmethod
     def _none_means_off(cls, value: Any) -> Any:
         return None if isinstance(value, str) and value.strip().lower() in _NO_MODEL else value
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "embedding_model", "classifier_model", "reranker_model",
+                     mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("embedding_model", "classifier_model", "reranker_model")
+    @classmethod
+    def _models(cls, value: list[str]) -> list[str]:
+        """'none' (alone) serves none; each entry is a model or NAME=PATH."""
+        value = [entry for entry in value if entry.strip().lower() not in _NO_MODEL]
+        for entry in value:
+            name, path = encoder_spec(entry)
+            if not name or not path:
+                raise ValueError(f"not a model nor NAME=PATH: {entry!r}")
         return value
 
     @field_validator("kv_cache_memory", mode="before")
@@ -136,14 +156,25 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _serves_something(self) -> "Settings":
-        if self.model is None and self.embedding_model is None and self.classifier_model is None:
-            raise ValueError("no model to serve: --model, --embedding-model and --classifier-model are all none")
+        if self.model is None and not self.encoders():
+            raise ValueError("no model to serve: --model, --embedding-model, --classifier-model and "
+                             "--reranker-model are all none")
         if self.model is None and self.tensor_parallel_size > 1:
             raise ValueError("--tensor-parallel-size splits the generation model, and --model is none")
+        paths: dict[str, str] = {}
+        for _, name, path in self.encoders():
+            if paths.setdefault(name, path) != path:
+                raise ValueError(f"the model name {name!r} is given to two models: {paths[name]!r} and {path!r}")
         limit, default = self.max_new_tokens_limit, self.default_max_tokens
         if limit is not None and default is not None and default > limit:
             raise ValueError(f"--default-max-tokens {default} exceeds --max-new-tokens-limit {limit}")
         return self
+
+    def encoders(self) -> list[tuple[str, str, str]]:
+        """(role, name, path) of every encoder flag, in order; role: embed, classify or rerank."""
+        roles = (("embed", self.embedding_model), ("classify", self.classifier_model),
+                 ("rerank", self.reranker_model))
+        return [(role, *encoder_spec(entry)) for role, entries in roles for entry in entries]
 
     def engine_config(self) -> EngineConfig:
         """The generation engine these flags describe."""
@@ -170,6 +201,18 @@ class Settings(BaseSettings):
     __str__ = __repr__
 
 
+def encoder_spec(entry: str) -> tuple[str, str]:
+    """'NAME=PATH' -> (NAME, PATH); a plain model (a default name or a path) is its own name.
+    (A path holding '=' after a '/' is a path: names have no '/'.)"""
+    name, sep, path = entry.strip().partition("=")
+    if sep and "/" not in name:
+        return name.strip(), path.strip()
+    return entry.strip(), entry.strip()
+
+
+_REPEATABLE = {"api_keys": "KEY", "embedding_model": "MODEL", "classifier_model": "MODEL", "reranker_model": "MODEL"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m service", description="attnserve: TGI/TEI/OpenAI-compatible inference server",
@@ -181,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         if field.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
-        elif name == "api_keys":
+        elif name in _REPEATABLE:
             parser.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS,
-                                metavar="KEY", help=help_text)
+                                metavar=_REPEATABLE[name], help=help_text)
         else:
             parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
     return parser

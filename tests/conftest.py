@@ -140,6 +140,56 @@ def tiny_llama(tiny_checkpoints) -> Path:
     return tiny_checkpoints["llama"]
 
 
+# -- tiny BERT-family encoders with a real vocabulary -------------------------------------
+
+MINILM_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def save_tiny_bert(directory: Path, architecture: str, **overrides) -> Path:
+    """A random tiny BERT of `architecture` saved by transformers, with all-MiniLM-L6-v2's
+    tokenizer (a real WordPiece vocabulary: [MASK], pairs, real words). Weights are drawn wide
+    (std 0.5) so scores of different inputs differ well beyond any tolerance a test uses."""
+    import shutil
+
+    import transformers
+
+    from engine.loader import resolve_model_path
+    fields = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=128, initializer_range=0.5)
+    config = transformers.BertConfig(**{**fields, **overrides})
+    torch.manual_seed(0)
+    getattr(transformers, architecture)(config).eval().save_pretrained(directory)
+    source = resolve_model_path("all-minilm-l6-v2")
+    for name in MINILM_TOKENIZER_FILES:
+        shutil.copy(source / name, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory) -> Path:
+    """A random one-label BertForSequenceClassification: sentence-transformers' CrossEncoder."""
+    return save_tiny_bert(tmp_path_factory.mktemp("cross-encoder") / "model", "BertForSequenceClassification",
+                          num_labels=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_mlm(tmp_path_factory) -> Path:
+    """A random BertForMaskedLM: fill-mask, and SPLADE when read as such. (std 0.2: wide
+    enough for fill-mask probabilities to differ, narrow enough for SPLADE weights of ~1 to stay
+    within fp32's 1e-5 of the reference after its additions in another order.)"""
+    return save_tiny_bert(tmp_path_factory.mktemp("mlm") / "model", "BertForMaskedLM", initializer_range=0.2)
+
+
+@pytest.fixture(scope="session")
+def tiny_splade(tmp_path_factory, tiny_mlm) -> Path:
+    """tiny_mlm saved by sentence-transformers as a SparseEncoder (MLM + SpladePooling max)."""
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
+    directory = tmp_path_factory.mktemp("splade") / "model"
+    SparseEncoder(modules=[MLMTransformer(str(tiny_mlm)), SpladePooling("max")], device="cpu").save(str(directory))
+    return directory
+
+
 # -- engine pieces without a model -----------------------------------------------------
 
 def make_seq(seq_id: int, num_prompt_tokens: int, max_tokens: int = 16, first_token: int = 0,

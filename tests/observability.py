@@ -38,14 +38,14 @@ LOAD = dict(users=8, spawn_rate=4, seconds=15, max_new_tokens=32)
 
 # DESIGN.md's metrics, the whole contract: name -> (type, labels).
 DESIGN_METRICS = {
-    "attnserve_requests_total": ("counter", ("route", "status")),
+    "attnserve_requests_total": ("counter", ("route", "status", "model")),
     "attnserve_prompt_tokens_total": ("counter", ()),
     "attnserve_generation_tokens_total": ("counter", ()),
     "attnserve_preemptions_total": ("counter", ()),
     "attnserve_prefix_cache_queries_total": ("counter", ()),
     "attnserve_prefix_cache_hits_total": ("counter", ()),
     "attnserve_aborted_requests_total": ("counter", ("reason",)),
-    "attnserve_embed_inputs_total": ("counter", ()),
+    "attnserve_embed_inputs_total": ("counter", ("model",)),
     "attnserve_num_requests_running": ("gauge", ()),
     "attnserve_num_requests_waiting": ("gauge", ()),
     "attnserve_kv_cache_usage_ratio": ("gauge", ()),
@@ -56,7 +56,7 @@ DESIGN_METRICS = {
     "attnserve_queue_time_seconds": ("histogram", ()),
     "attnserve_engine_step_duration_seconds": ("histogram", ()),
     "attnserve_batch_size": ("histogram", ()),
-    "attnserve_embed_batch_size": ("histogram", ()),
+    "attnserve_embed_batch_size": ("histogram", ("model",)),
     "attnserve_build_info": ("info", ("version", "model", "device", "dtype")),
 }
 

@@ -29,6 +29,7 @@ TINY_ARGS = ["--kv-cache-memory", "16MiB", "--max-num-seqs", "8", "--log-level",
 NO_ENCODER = ["--embedding-model", "none"]
 EMBEDDING_MODEL = "all-minilm-l6-v2"          # small: the real one loads in a couple of seconds
 LABELS = ("negative", "neutral", "positive")
+SPLADE = "splade"                             # the main server's name for its tiny SPLADE model
 
 
 def free_port() -> int:
@@ -161,11 +162,13 @@ def sse_events(lines):
 
 
 def main_server(request) -> ServerProcess:
-    """The session's main server: tiny LLaMA, the real MiniLM embedder, a tiny classifier
-    with a head, and an API key."""
-    llama = request.getfixturevalue("tiny_llama")
+    """The session's main server: tiny LLaMA, the real MiniLM embedder, a tiny SPLADE model
+    (sparse embeddings and fill-mask: no dense embeddings, so MiniLM stays the one embedder),
+    a tiny classifier with a head, and an API key."""
+    llama, splade = request.getfixturevalue("tiny_llama"), request.getfixturevalue("tiny_splade")
     return shared_server(request, "main", ["--model", str(llama), *TINY_ARGS, "--embedding-model",
-                                           EMBEDDING_MODEL, "--classifier-model", tiny_classifier(request)],
+                                           EMBEDDING_MODEL, "--embedding-model", f"{SPLADE}={splade}",
+                                           "--classifier-model", tiny_classifier(request)],
                          api_key=API_KEY)
 
 

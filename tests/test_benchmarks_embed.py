@@ -57,6 +57,7 @@ def test_small_run_against_the_real_server(tmp_path, capsys):
     assert results["num_sentences"] == 20 and results["num_tokens"] > 20
     assert results["st_batch32_sent_s"] > 0 and results["st_batch1_sent_s"] > 0
     assert results["st_batch1_vs_batch32_min_cosine"] > 0.99999
+    assert results["st_batch32_cpu_ms_per_sentence"] > 0 and results["st_batch1_short_ms"] > 0
     assert set(results["st_by_length_sent_s"]) <= {"batch32_short", "batch32_long", "batch1_short", "batch1_long"}
     assert [row["config"]["client"] for row in results["servers"]] == ["httpx", "raw"]
     for row in results["servers"]:
@@ -65,7 +66,9 @@ def test_small_run_against_the_real_server(tmp_path, capsys):
         assert row["sent_s"] > 0 and row["vs_st_batch32"] > 0
         assert row["latency_ms"]["n"] == 20 and row["latency_ms"]["p50"] <= row["latency_ms"]["p99"]
         assert row["probe_latency_ms"]["n"] >= 1
+        assert row["lone_latency_ms"]["n"] == 50 and row["lone_vs_st_batch1"] > 0
         assert row["mean_batch_size"] >= 1 and row["server_cores_busy"] > 0
         assert 0 < row["event_loop_cpu_ms_per_request"] < row["server_cpu_ms_per_request"]
     printed = capsys.readouterr().out
     assert "attnserve /embed, 4 raw clients (batch_wait_ms=2.0, OMP_WAIT_POLICY=passive)" in printed and "min cosine" in printed
+    assert "a lone short sentence (n=50)" in printed

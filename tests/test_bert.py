@@ -9,7 +9,9 @@ import torch
 from engine.config import UnsupportedModelError
 from engine.layers.attention import build_attn_metadata
 from engine.loader import CheckpointError, build_model, open_checkpoint, resolve_model_path
-from engine.models.bert import PoolingConfig, pool_hidden, read_pooling_config
+from engine.layers.attention import Attention
+from engine.layers.encoder_attention import PerSequenceAttention, SequenceSpans
+from engine.models.bert import PoolingConfig, SparsePooling, pool_hidden, read_pooling_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,9 +47,16 @@ def ragged_inputs(vocab_size=99, lens=LENS, seed=1):
     return ids, types
 
 
-def run_ours(model, ids, types=None):
+def run_ours(model, ids, types=None, per_sequence=False):
+    """Our forward; per_sequence: with the CPU encoders' PerSequenceAttention instead of the
+    padded reference."""
     lens = [len(x) for x in ids]
     meta = build_attn_metadata(lens, lens, None, 1, causal=False)
+    if per_sequence:
+        meta = SequenceSpans.of(lens)
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.backend = PerSequenceAttention()
     positions = torch.cat([torch.arange(n) for n in lens])
     with torch.inference_mode():
         return model(torch.cat(ids), positions, meta, None if types is None else torch.cat(types))
@@ -73,13 +82,14 @@ def load(path):
     return build_model(open_checkpoint(path), torch.float32, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["padded", "per-sequence"])
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_matches_transformers(tmp_path, architecture, fmt):
+def test_matches_transformers(tmp_path, architecture, fmt, per_sequence):
     path, hf = tiny_bert_dir(tmp_path, architecture, fmt)
     model = load(path)
     ids, types = ragged_inputs()
-    ours = run_ours(model, ids, types)
+    ours = run_ours(model, ids, types, per_sequence)
     ref, out = run_hf(hf, ids, types)
     assert ref.abs().max() > 0.5                       # not trivially small numbers
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
@@ -178,3 +188,59 @@ def test_minilm_hidden_states_match_transformers():
     ids = [torch.tensor(tokenizer(t)["input_ids"]) for t in texts]
     ours = run_ours(load(path), ids)
     torch.testing.assert_close(ours, run_hf(hf, ids)[0], atol=1e-4, rtol=0)
+
+
+def test_per_sequence_attention_equals_the_padded_reference():
+    """Sequences of very different lengths (the case padding wastes most on), grouped heads too."""
+    from engine.layers.attention import TorchAttention
+    torch.manual_seed(0)
+    lens = [2, 40, 7, 1, 23]
+    for heads, kv_heads in ((4, 4), (4, 2)):
+        q = torch.randn(sum(lens), heads, 8)
+        k, v = torch.randn(sum(lens), kv_heads, 8), torch.randn(sum(lens), kv_heads, 8)
+        reference = TorchAttention().forward(q, k, v, None, None, build_attn_metadata(lens, lens, None, 1, causal=False),
+                                             0.35)
+        ours = PerSequenceAttention().forward(q, k, v, None, None, SequenceSpans.of(lens), 0.35)
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    assert SequenceSpans.of([2, 3, 1]).spans == ((0, 2), (2, 5), (5, 6))
+
+
+@pytest.mark.parametrize("strategy, activation", [("max", "relu"), ("sum", "relu"), ("max", "log1p_relu")])
+def test_sparse_head_matches_a_loop(tmp_path, strategy, activation):
+    """SPLADE: transformers' MLM logits, activated and pooled per sequence, small chunks or not."""
+    path, hf = tiny_bert_dir(tmp_path, "BertForMaskedLM")
+    model = load(path)
+    ids, _ = ragged_inputs()
+    hidden = run_ours(model, ids)
+    _, out = run_hf(hf, ids)
+    expected = []
+    for i, n in enumerate(LENS):
+        weights = torch.log1p(torch.relu(out.logits[i, :n]))
+        weights = torch.log1p(weights) if activation == "log1p_relu" else weights
+        expected.append(weights.max(0).values if strategy == "max" else weights.sum(0))
+    for chunk in (3, 256):
+        with torch.inference_mode():
+            ours = model.sparse(hidden, torch.tensor(LENS), SparsePooling(strategy, activation), chunk_tokens=chunk)
+        torch.testing.assert_close(ours, torch.stack(expected), atol=1e-4, rtol=0)
+    with pytest.raises(UnsupportedModelError, match="SPLADE pooling"):
+        SparsePooling("mean")
+
+
+def test_pooling_config_of_a_sparse_encoder_and_prompts(tmp_path):
+    modules = [{"idx": 0, "name": "0", "path": "", "type":
+                "sentence_transformers.sparse_encoder.modules.mlm_transformer.MLMTransformer"},
+               {"idx": 1, "name": "1", "path": "1_SpladePooling", "type":
+                "sentence_transformers.sparse_encoder.modules.splade_pooling.SpladePooling"}]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "1_SpladePooling").mkdir()
+    (tmp_path / "1_SpladePooling" / "config.json").write_text(json.dumps(
+        {"pooling_strategy": "sum", "activation_function": "log1p_relu", "word_embedding_dimension": 99}))
+    (tmp_path / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "query: ", "document": ""}, "default_prompt_name": "document"}))
+    config = read_pooling_config(tmp_path)
+    assert config.sparse == SparsePooling("sum", "log1p_relu")
+    assert config.prompts == {"query": "query: ", "document": ""} and config.default_prompt_name == "document"
+    (tmp_path / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "query: "}, "default_prompt_name": "passage"}))
+    with pytest.raises(UnsupportedModelError, match="default_prompt_name 'passage'"):
+        read_pooling_config(tmp_path)

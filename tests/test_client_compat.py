@@ -199,6 +199,12 @@ BASE_BODIES = {
     "/predict": {"inputs": "a sentence"},
     "/tokenize": {"inputs": PROMPT},
     "/detokenize": {"inputs": [5, 6, 7]},
+    "/rerank": {"query": "a question", "texts": ["a sentence"]},
+    "/v1/rerank": {"query": "a question", "documents": ["a sentence", {"text": "another"}]},
+    "/v2/rerank": {"query": "a question", "documents": ["a sentence"]},
+    "/similarity": {"inputs": {"source_sentence": "a sentence", "sentences": ["another"]}, "parameters": {}},
+    "/embed_sparse": {"inputs": "a sentence"},
+    "/fill_mask": {"inputs": "a [MASK] sentence", "parameters": {}},
 }
 # What keeps a request short once its cap is null: the rest of the model's length is long.
 KEEP = {"max_new_tokens", "max_tokens"}

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from engine.encoder_engine import Encoder, EncoderEngine, length_buckets
+from engine.encoder_engine import Encoder, EncoderEngine
 from engine.errors import EngineStoppedError, InvalidParameter, PromptTooLongError, QueueFullError
 from engine.loader import resolve_model_path
 
@@ -152,7 +152,7 @@ def test_bad_inputs(encoder, inputs, message):
 
 
 def test_engine_limits(make_engine):
-    engine = make_engine(max_inputs_per_request=4, max_queue=8)
+    engine = make_engine(max_inputs_per_request=4, max_queue=8, num_workers=1)     # one worker: held below
     with pytest.raises(InvalidParameter, match="5 inputs in one request; the limit is 4"):
         engine.submit_embed(["x"] * 5)
     release = threading.Event()
@@ -173,7 +173,7 @@ def test_engine_limits(make_engine):
 
 
 def test_cancelled_requests_are_not_run(make_engine):
-    engine, release, seen = make_engine(), threading.Event(), []
+    engine, release, seen = make_engine(num_workers=1), threading.Event(), []
     run = engine.runner.run
 
     def held(items):
@@ -292,9 +292,33 @@ def test_minilm_matches_sentence_transformers(encoder):
     assert (ours * expected).sum(-1).min() > 0.99999
 
 
-def test_length_buckets_keep_short_inputs_out_of_long_inputs_padding():
-    from engine.encoder_runner import Item
-    items = [Item([1] * n, "embedding", True, None, i) for i, n in enumerate([120, 8, 9, 60, 16, 17, 250])]
-    buckets = length_buckets(items)
-    assert [[len(i.token_ids) for i in b] for b in buckets] == [[8, 9, 16], [17], [60, 120], [250]]
-    assert sorted(i.index for b in buckets for i in b) == list(range(7))
+
+def test_workers_share_the_cores_on_a_cpu(make_engine, monkeypatch):
+    from engine.config import EncoderConfig
+    from engine.encoder_engine import worker_plan
+    monkeypatch.setattr("engine.encoder_engine.default_num_threads", lambda: 2)
+    assert worker_plan(EncoderConfig(), "cpu") == (2, 1)            # a 2-core machine: two single-thread workers
+    monkeypatch.setattr("engine.encoder_engine.default_num_threads", lambda: 16)
+    assert worker_plan(EncoderConfig(), "cpu") == (4, 4)
+    assert worker_plan(EncoderConfig(num_workers=1), "cpu") == (1, 16)
+    assert worker_plan(EncoderConfig(num_workers=2, num_threads=3), "cpu") == (2, 3)
+    assert worker_plan(EncoderConfig(), "cuda") == (1, None)
+    engine = make_engine(num_workers=3)
+    assert engine.is_alive and len({t.name for t in engine._threads}) == 3
+    engine.stop()
+    assert not engine.is_alive
+
+
+def test_cpu_attention_is_our_op_else_per_sequence_and_both_agree(encoder, singles, monkeypatch):
+    """On a CPU the encoder runs our C++ op where it builds, attention per sequence in PyTorch
+    where it does not: the same vectors either way."""
+    from engine import kernels
+    from engine.layers.cpu_attention import CpuPagedAttention
+    from engine.layers.encoder_attention import PerSequenceAttention
+    assert isinstance(encoder.runner.attention, CpuPagedAttention if kernels.load() else PerSequenceAttention)
+    monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    fallback = Encoder(MODEL)
+    assert isinstance(fallback.runner.attention, PerSequenceAttention)
+    vectors = fallback.embed(TEXTS)
+    for text, vector in zip(TEXTS, vectors):
+        assert torch.allclose(torch.tensor(vector), torch.tensor(singles[text]), atol=1e-5)

@@ -31,8 +31,10 @@ def families(text: str) -> dict[str, tuple[str, tuple[str, ...]]]:
 def test_exactly_the_design_metrics():
     metrics = Metrics()
     metrics.set_build("1.2.3", "m", "cpu", "float32")
-    metrics.requests.labels("/generate", "200").inc()
+    metrics.requests.labels("/generate", "200", "m").inc()
     metrics.request_duration.labels("/generate").observe(0.1)
+    metrics.embed_inputs.labels("e").inc()
+    metrics.observe_embed_batch("e", 4, 40)
     found = families(metrics.render().decode())
     expected = {name: ("gauge" if kind == "info" else kind, tuple(sorted(labels)))    # info is a gauge
                 for name, (kind, labels) in DESIGN_METRICS.items()}                  # on the wire

@@ -178,6 +178,8 @@ BASE_BODIES = {
     "/predict": {"inputs": "hi"}, "/v1/embeddings": {"input": "hi"},
     "/v1/completions": {"prompt": "hi", "max_tokens": 2},
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    "/v1/rerank": {"query": "hi", "documents": ["a"]}, "/v2/rerank": {"query": "hi", "documents": ["a"]},
+    "/embed_sparse": {"inputs": "hi"}, "/fill_mask": {"inputs": "hi [MASK]"},
 }
 BAD_NUMBERS = ["-1", "-1e308", "NaN", "Infinity", "-Infinity", "1e309", "18446744073709551616",
                "1" + "0" * 400, "1.5", "-0.0", "4.9e-324"]

@@ -30,19 +30,22 @@ BODIES = {       # a valid body per route: a missing key check would answer 200,
     "/predict": {"inputs": "hi", "candidate_labels": ["a", "b"]}, "/v1/embeddings": {"input": "hi"},
     "/v1/completions": {"prompt": "hi", "max_tokens": 2, "stream": True},
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True},
+    "/rerank": {"query": "hi", "texts": ["a", "b"]}, "/similarity": {"inputs": {"source_sentence": "hi", "sentences": ["a"]}},
+    "/v1/rerank": {"query": "hi", "documents": ["a"]}, "/v2/rerank": {"query": "hi", "documents": ["a"]},
+    "/embed_sparse": {"inputs": "hi"}, "/fill_mask": {"inputs": "hi [MASK]"},
 }
 AUDIT = "attnserve-probe"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama, tmp_path_factory):
+def server(tiny_llama, tiny_splade, tmp_path_factory):
     """Keys from the environment, the model served from a directory the audit hook watches, and
     a copy of it next door that no request may open."""
     root = tmp_path_factory.mktemp("security")
     served = shutil.copytree(tiny_llama, root / f"{AUDIT}-served")
     shutil.copytree(tiny_llama, root / f"{AUDIT}-other")
     server = FaultServer(["--model", str(served), *TINY_ARGS, "--log-level", "debug", "--embedding-model",
-                          EMBEDDING_MODEL],
+                          EMBEDDING_MODEL, "--embedding-model", f"splade={tiny_splade}"],   # (/embed_sparse, /fill_mask)
                          env={"ATTNSERVE_API_KEYS": ",".join(KEYS), "ATTNSERVE_TEST_AUDIT": AUDIT})
     server.api_key = KEYS[1]
     server.start()
@@ -54,9 +57,9 @@ def server(tiny_llama, tmp_path_factory):
 
 def served_routes() -> set[tuple[str, str]]:
     """(method, path as the OpenAPI document writes it) of every route."""
-    from service.routes import admin, openai, tei, tgi
+    from service.routes import admin, cohere, openai, tei, tgi
     return {(method, re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path))
-            for router in (tgi.router, tei.router, openai.router, admin.router)
+            for router in (tgi.router, tei.router, openai.router, cohere.router, admin.router)
             for route in router.routes for method in route.methods}
 
 
@@ -201,7 +204,7 @@ def test_the_model_argument_only_names_loaded_models(server):
         assert r.status_code == 422 and r.json()["error"].startswith("model:")
     # The served id itself is only compared, never opened again.
     assert server.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "model": served_id}).status_code == 200
-    assert [m["id"] for m in server.get("/v1/models").json()["data"]] == [served_id, EMBEDDING_MODEL]
+    assert [m["id"] for m in server.get("/v1/models").json()["data"]] == [served_id, EMBEDDING_MODEL, "splade"]
     opened = re.findall(r"AUDIT open (.*)", server.logs()[server.ready_at:])
     assert opened == [], opened
     assert re.findall(r"AUDIT open (.*)", server.logs()[:server.ready_at]), "the audit hook saw nothing"

@@ -7,7 +7,7 @@ import json
 import pytest
 from huggingface_hub import InferenceClient
 from openai import OpenAI
-from service_helpers import API_KEY, EMBEDDING_MODEL, LABELS, main_server, sse_events
+from service_helpers import API_KEY, EMBEDDING_MODEL, LABELS, SPLADE, main_server, sse_events
 
 PROMPT = "The cat sat on the"
 
@@ -304,7 +304,8 @@ def test_tei_classify_with_the_head_and_zero_shot(server):
 
 def test_models_lists_every_served_model(server, oai, tiny_llama):
     cards = {m.id: m for m in oai.models.list().data}
-    assert set(cards) == {str(tiny_llama), EMBEDDING_MODEL, server.args[server.args.index("--classifier-model") + 1]}
+    assert set(cards) == {str(tiny_llama), EMBEDDING_MODEL, SPLADE,
+                          server.args[server.args.index("--classifier-model") + 1]}
     info = server.get("/info").json()
     assert info["embedding_model_id"] == EMBEDDING_MODEL
 

@@ -149,7 +149,7 @@ def test_clients_see_typed_errors(server):
     ("/embed", {"inputs": "ok", "pooling": "cls"}, "pooling"),
     ("/embed", {"inputs": [[1, 2, 10**9]]}, "inputs"),
     ("/embed", {"inputs": ["x"] * 2049}, "inputs"),
-    ("/embed", {"inputs": "ok", "truncation_direction": "Left"}, "truncation_direction"),
+    ("/embed", {"inputs": "ok", "truncation_direction": "Middle"}, "truncation_direction"),
     ("/classify", {"inputs": "ok", "candidate_labels": ["a", "a"]}, "candidate_labels"),
     ("/classify", {"inputs": "ok", "candidate_labels": []}, "candidate_labels"),
     ("/classify", {"inputs": "ok", "raw_scores": True}, "raw_scores"),
@@ -162,7 +162,7 @@ def test_encoder_validation(server, route, body, field):
 
 def test_embeddings_validation(server):
     assert server.post("/v1/embeddings", json={"input": "hi", "model": "ada"}).json()["model"] == EMBEDDING_MODEL
-    assert openai_error(server.post("/v1/embeddings", json={"input": "hi", "dimensions": 10}), 422)["param"] == "dimensions"
+    assert openai_error(server.post("/v1/embeddings", json={"input": "hi", "dimensions": 385}), 422)["param"] == "dimensions"
     assert openai_error(server.post("/v1/embeddings", json={"input": []}), 422)["param"] == "input"
     assert openai_error(server.post("/v1/embeddings", json={"input": "hi", "encoding_format": "int8"}), 422)["param"] == "encoding_format"
     too_long = openai_error(server.post("/v1/embeddings", json={"input": "word " * 400}), 400)

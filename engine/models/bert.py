@@ -11,7 +11,7 @@ reads that into a `PoolingConfig`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -190,6 +190,24 @@ class BertModel(nn.Module):
             raise UnsupportedModelError(f"{self.config.architecture} has no masked-LM head")
         return self.cls["predictions"](hidden, self.bert.embeddings.word_embeddings.weight)
 
+    def sparse(self, hidden: torch.Tensor, seq_lens: torch.Tensor, pooling: "SparsePooling",
+               chunk_tokens: int = 256) -> torch.Tensor:
+        """SPLADE: (num_tokens, hidden) -> (num_seqs, vocab), the masked-LM logits activated and
+        pooled per sequence. Logits are made chunk_tokens rows at a time: a whole batch's
+        would take num_tokens * vocab floats (a gigabyte for 8k tokens)."""
+        segment = torch.repeat_interleave(torch.arange(len(seq_lens), device=hidden.device), seq_lens)
+        out = hidden.new_zeros(len(seq_lens), self.config.vocab_size, dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            weights = self.mlm_logits(hidden[start: start + chunk_tokens]).float().relu_().log1p_()
+            if pooling.activation == "log1p_relu":
+                weights = weights.log1p_()
+            index = segment[start: start + chunk_tokens, None].expand_as(weights)
+            if pooling.strategy == "max":      # weights are >= 0: the zeros start no higher
+                out.scatter_reduce_(0, index, weights, "amax")
+            else:
+                out.scatter_add_(0, index, weights)
+        return out
+
     def checkpoint_name(self, name: str) -> str | None:
         """Our parameter name for a checkpoint tensor; None for tensors we do not load."""
         for old, new in self._renames.items():
@@ -226,25 +244,45 @@ def pool_hidden(hidden: torch.Tensor, seq_lens: torch.Tensor, mode: str) -> torc
 
 
 @dataclass(frozen=True, slots=True)
+class SparsePooling:
+    """SPLADE (sentence-transformers' SpladePooling): a masked LM's logits, activated as
+    log(1 + relu(x)) (log1p_relu: log1p once more), pooled over an input's tokens."""
+    strategy: str = "max"               # "max" | "sum"
+    activation: str = "relu"            # "relu" | "log1p_relu"
+
+    def __post_init__(self):
+        if self.strategy not in ("max", "sum") or self.activation not in ("relu", "log1p_relu"):
+            raise UnsupportedModelError(f"SPLADE pooling {self.strategy}/{self.activation} is not supported "
+                                        "(supported: max or sum, of relu or log1p_relu)")
+
+
+@dataclass(frozen=True, slots=True)
 class PoolingConfig:
-    """How a checkpoint turns token states into one vector (sentence-transformers layout)."""
+    """What a checkpoint's sentence-transformers files say about using it: how token states
+    become one vector (or a sparse one), and the prompts it was trained with."""
 
     mode: str = "mean"                  # one of POOLING_MODES
     normalize: bool = False             # the directory's pipeline ends in a Normalize module
     max_seq_length: int | None = None   # sentence_bert_config.json; None: the model's limit
     lowercase: bool = False             # sentence_bert_config.json do_lower_case
+    sparse: SparsePooling | None = None  # a sparse encoder (SpladePooling): no dense vectors
+    prompts: dict[str, str] = field(default_factory=dict)   # name -> text put before an input
+    default_prompt_name: str | None = None                  # the prompt used when none is named
 
     def __post_init__(self):
         if self.mode not in POOLING_MODES:
             raise UnsupportedModelError(f"pooling mode {self.mode!r} is not supported "
                                         f"(supported: {', '.join(POOLING_MODES)})")
+        if self.default_prompt_name is not None and self.default_prompt_name not in self.prompts:
+            raise UnsupportedModelError(f"default_prompt_name {self.default_prompt_name!r} is not one of the "
+                                        f"prompts {sorted(self.prompts)}")
 
 
 # 1_Pooling/config.json key -> our mode
 _POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
                  "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
                  "pooling_mode_lasttoken": "lasttoken", "pooling_mode_weightedmean_tokens": "weightedmean"}
-_KNOWN_MODULES = ("Transformer", "Pooling", "Normalize")
+_KNOWN_MODULES = ("Transformer", "MLMTransformer", "Pooling", "Normalize", "SpladePooling")
 
 
 def read_pooling_config(directory: Path) -> PoolingConfig:
@@ -252,8 +290,11 @@ def read_pooling_config(directory: Path) -> PoolingConfig:
     sentence-transformers itself gives a model it wraps."""
     directory = Path(directory)
     st_config = read_json_file(directory / "sentence_bert_config.json")
+    model_config = read_json_file(directory / "config_sentence_transformers.json")
     fields = dict(max_seq_length=st_config.get("max_seq_length"),
-                  lowercase=bool(st_config.get("do_lower_case", False)))
+                  lowercase=bool(st_config.get("do_lower_case", False)),
+                  prompts=dict(model_config.get("prompts") or {}),
+                  default_prompt_name=model_config.get("default_prompt_name") or None)
     modules = read_json_file(directory / "modules.json")
     if not modules:
         return PoolingConfig(**fields)
@@ -262,13 +303,18 @@ def read_pooling_config(directory: Path) -> PoolingConfig:
     if unknown:
         raise UnsupportedModelError(f"{directory}: sentence-transformers modules {unknown} are "
                                     f"not supported (supported: {', '.join(_KNOWN_MODULES)})")
-    mode = "mean"
+    mode, sparse = "mean", None
     if "Pooling" in kinds:
         pooling = read_json_file(directory / kinds["Pooling"].get("path", "") / "config.json")
         modes = [_POOLING_KEYS[k] for k, on in pooling.items() if k in _POOLING_KEYS and on]
         if len(modes) != 1:
             raise UnsupportedModelError(f"{directory}: pooling must be exactly one mode, got {modes}")
+        if pooling.get("include_prompt") is False:
+            raise UnsupportedModelError(f"{directory}: pooling without the prompt's tokens (include_prompt "
+                                        "false) is not supported")
         mode = modes[0]
-    return PoolingConfig(mode=mode, normalize="Normalize" in kinds, **fields)
-
+    if "SpladePooling" in kinds:
+        splade = read_json_file(directory / kinds["SpladePooling"].get("path", "") / "config.json")
+        sparse = SparsePooling(splade.get("pooling_strategy", "max"), splade.get("activation_function", "relu"))
+    return PoolingConfig(mode=mode, normalize="Normalize" in kinds, sparse=sparse, **fields)
 

@@ -33,9 +33,9 @@ async def ready(request: Request):
 def _require_alive(server) -> None:
     if server.generator is not None and not server.generator.is_alive:
         raise APIError(503, "the engine loop is not running or is stuck")
-    for task, encoder in server.encoders.items():
+    for name, encoder in server.encoders.items():
         if not encoder.stats().is_alive and server.status == "ready":
-            raise APIError(503, f"the {task} encoder is not running")
+            raise APIError(503, f"the encoder {name!r} is not running")
 
 
 @router.get("/info", response_model=Info, responses=openapi_errors(401, 503),
@@ -46,15 +46,17 @@ async def info(request: Request):
         server.require_ready()                  # (the latter: stopping before anything loaded)
     encoders = server.encoder_ids()
     settings = server.settings
-    queued = sum(e.stats().num_queued_inputs for e in {id(e): e for e in server.encoders.values()}.values())
+    queued = sum(e.stats().num_queued_inputs for e in server.encoders.values())
     common = {"model_id": server.model_id, "max_queue": settings.max_queue, "version": VERSION,
               "max_batch_tokens": settings.max_batch_tokens, "max_batch_size": settings.max_batch_size,
               "embedding_model_id": encoders.get("embed"), "classifier_model_id": encoders.get("classify"),
-              "num_queued_inputs": queued}
+              "reranker_model_id": encoders.get("rerank"), "num_queued_inputs": queued,
+              "models": _served_models(server)}
     if server.generator is None:              # encoder-only: TEI's answer, generation fields null
-        limits = next(iter(server.encoders.values())).limits
+        limits = server.encoders[server.model_id].limits
         return {**common, "model_dtype": limits.dtype, "model_device_type": _device_type(limits.device),
-                "model_pipeline_tag": "feature-extraction", "max_input_tokens": limits.max_length}
+                "model_pipeline_tag": _PIPELINE_TAGS[_main_task(server, server.model_id)],
+                "max_input_tokens": limits.max_length}
     limits, stats = server.generator.limits, server.generator.stats()
     return {
         **common, "model_dtype": limits.dtype, "model_device_type": _device_type(limits.device),
@@ -66,6 +68,32 @@ async def info(request: Request):
         "max_num_seqs": limits.max_num_seqs, "max_stop_sequences": MAX_STOP, "max_best_of": 1,
         "quantization": limits.quantization,
     }
+
+
+# an encoder's main task -> the Hugging Face pipeline tag TEI's /info gives it
+_PIPELINE_TAGS = {"embed": "feature-extraction", "embed_sparse": "feature-extraction", "rerank": "text-ranking",
+                  "classify": "text-classification", "fill_mask": "fill-mask"}
+
+
+def _main_task(server, name: str) -> str:
+    tasks = [task for task, names in server.tasks.items() if name in names]
+    return next(task for task in _PIPELINE_TAGS if task in tasks)
+
+
+def _served_models(server) -> list[dict]:
+    """Each model with its tasks; an encoder that reranks says how (cross-encoder or cosine)."""
+    models = []
+    if server.generator is not None:
+        models.append({"id": server.model_id, "tasks": ["generate"],
+                       "max_input_tokens": server.generator.limits.max_prompt_len})
+    for name, encoder in server.encoders.items():
+        limits = encoder.limits
+        tasks = [task for task, names in server.tasks.items() if name in names]
+        models.append({"id": name, "tasks": tasks, "max_input_tokens": limits.max_length,
+                       "dimension": limits.hidden_size,
+                       "rerank_scoring": limits.rerank_scoring if "rerank" in tasks else None,
+                       "prompts": list(limits.prompts), "default_prompt_name": limits.default_prompt_name})
+    return models
 
 
 def _device_type(device: str) -> str:

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 
 from engine.outputs import CompletionOutput, GeneratedToken
 from engine.sampling import SamplingParams
-from service.embeddings import encode, encoder_for, submit_embed, truncation
+from service.embeddings import encode, json_response, truncation
 from service.errors import APIError, openapi_errors
 from service.generation import Generation, admit, collect, event_stream, max_new_tokens, merge
 from service.runtime import VERSION, Server, info_of, server_of
@@ -284,27 +284,19 @@ async def _chat_events(request: Request, body: ChatCompletionRequest, gen: Gener
 # -- embeddings --------------------------------------------------------------------------------
 
 @router.post("/embeddings", response_model=EmbeddingResponse, responses=_ERRORS,
-             summary="Embeddings (OpenAI), L2-normalized")
+             summary="Embeddings (OpenAI), L2-normalized; dimensions keeps the first N (Matryoshka)")
 async def embeddings(body: EmbeddingRequest, request: Request):
     server = server_of(request)
-    limits = encoder_for(server, "embed", body.model).limits
-    model = limits.model_id
-    if body.dimensions is not None and body.dimensions != limits.hidden_size:
-        raise APIError(422, f"dimensions: this model's embeddings have {limits.hidden_size} dimensions, "
-                       f"got {body.dimensions}", param="dimensions", code="invalid_value")
     asked = body.truncate_prompt_tokens
     truncate = truncation(server, True if asked == -1 else asked)
-    output = await encode(request, "embed", submit_embed, body.input, True, truncate, model=model)
-    data = [{"object": "embedding", "index": i,
-             "embedding": _base64(vector) if body.encoding_format == "base64" else vector}
-            for i, vector in enumerate(output.data)]
-    return {"object": "list", "data": data, "model": model,
-            "usage": {"prompt_tokens": output.num_tokens, "total_tokens": output.num_tokens}}
-
-
-def _base64(vector: list[float]) -> str:
-    import numpy as np
-    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+    output = await encode(request, "embed", body.input, True, truncate, dimensions=body.dimensions, model=body.model,
+                          param="input")
+    vectors = output.data                                         # (n, dim) float32
+    if body.encoding_format == "base64":
+        vectors = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+    data = [{"object": "embedding", "index": i, "embedding": vector} for i, vector in enumerate(vectors)]
+    return json_response({"object": "list", "data": data, "model": info_of(request).model,
+                          "usage": {"prompt_tokens": output.num_tokens, "total_tokens": output.num_tokens}})
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -330,11 +322,13 @@ def _model_cards(server: Server) -> list[dict]:
     cards, listed = [], set()
     if server.generator is not None:
         cards.append({"id": server.model_id, "object": "model", "created": created, "owned_by": "attnserve",
-                      "max_model_len": server.max_model_len, "task": "generate"})
+                      "max_model_len": server.max_model_len, "task": "generate", "tasks": ["generate"]})
         listed.add(server.model_id)
-    for task, model_id in server.encoder_ids().items():
-        if model_id not in listed:
-            listed.add(model_id)
-            cards.append({"id": model_id, "object": "model", "created": created, "owned_by": "attnserve",
-                          "max_model_len": server.encoders[task].limits.max_length, "task": task})
+    for name, encoder in server.encoders.items():
+        tasks = [task for task, names in server.tasks.items() if name in names]
+        if name not in listed and tasks:
+            listed.add(name)
+            main = next(task for task in ("embed", "embed_sparse", "rerank", "classify", "fill_mask") if task in tasks)
+            cards.append({"id": name, "object": "model", "created": created, "owned_by": "attnserve",
+                          "max_model_len": encoder.limits.max_length, "task": main, "tasks": tasks})
     return cards
