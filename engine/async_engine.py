@@ -22,7 +22,7 @@ from typing import Callable
 from typing import Sequence as Seq
 
 from engine.device import use_cpu_threads
-from engine.errors import EngineStoppedError, RequestFailedError
+from engine.errors import EngineStoppedError, RequestFailedError, TensorParallelError
 from engine.limits import GenerationStats
 from engine.llm_engine import LLMEngine, StepStats
 from engine.outputs import RequestOutput
@@ -48,6 +48,12 @@ class _Add:
 @dataclass(slots=True)
 class _Abort:
     request_id: str
+
+
+@dataclass(slots=True)
+class _Fatal:
+    """The engine cannot go on (a tensor-parallel rank died): stop the loop."""
+    message: str
 
 
 class RequestStream:
@@ -101,7 +107,7 @@ class AsyncLLMEngine:
         # (free blocks, usage) as of the last step; the engine thread replaces it whole.
         self._block_stats = (engine.block_manager.num_free_blocks, engine.block_manager.usage)
         engine.step_listeners.append(self._publish)
-        self._inbox: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Add | _Abort | _Fatal] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._ids = itertools.count()
         self._stop = threading.Event()
@@ -113,6 +119,9 @@ class AsyncLLMEngine:
         self._refusing = False                  # past the drain deadline: admit nothing more
         self.step_started_at: float | None = None
         self.error: BaseException | None = None
+        self._death_listeners: list[Callable[[str], None]] = []
+        if engine.tensor_parallel is not None:  # a rank that dies stops the loop, idle or not
+            engine.tensor_parallel.add_failure_listener(lambda message: self._inbox.put(_Fatal(message)))
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -121,9 +130,16 @@ class AsyncLLMEngine:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop, then the engine's tensor-parallel ranks (if any)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.engine.shutdown()
+
+    def add_death_listener(self, listener: Callable[[str], None]) -> None:
+        """listener(message), on the engine thread, if the engine stops for good on its own
+        (EngineStoppedError: a tensor-parallel rank died); every request has failed by then."""
+        self._death_listeners.append(listener)
 
     @property
     def is_alive(self) -> bool:
@@ -183,6 +199,8 @@ class AsyncLLMEngine:
         with self._lock:
             self._submitted.update((request_id, params.n) for request_id in request_ids)
         self._inbox.put(_Add(request_ids, encoded, params, arrival_time, group_id, streams, admitted))
+        if self.error is not None:              # the loop died meanwhile: nothing will read the inbox
+            self._refuse_inbox(self.error)
         try:
             await admitted                      # raises what the engine raised
         except asyncio.CancelledError:
@@ -217,7 +235,7 @@ class AsyncLLMEngine:
         (those being admitted too) and give their answers up to `grace` seconds to go out.
         True when all finished on their own. The caller stops admitting first."""
         deadline = time.monotonic() + timeout
-        while self.num_unfinished and time.monotonic() < deadline:
+        while self.num_unfinished and self.error is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if not self.num_unfinished:
             return True
@@ -238,16 +256,45 @@ class AsyncLLMEngine:
                     self.step_started_at = time.monotonic()
                     self._deliver(self._step())
                     self.step_started_at = None
+        except EngineStoppedError as exc:       # the engine cannot go on (a rank died): stop for good
+            logger.error("engine stopped: %s", exc)
+            self._die(exc)
         except BaseException as exc:            # a bug in the loop itself: fail everyone loudly
             logger.exception("engine loop died")
-            self.error = exc
-            for stream in list(self._streams.values()):
-                stream.put(EngineStoppedError(f"engine loop died: {exc}"))
+            self._die(exc)
             raise
+
+    def _die(self, exc: BaseException) -> None:
+        """Fail every request, in the engine or on its way in; tell the death listeners."""
+        self.error = exc
+        with self._lock:
+            streams = list(self._streams.values())
+            self._streams.clear()
+            self._unscheduled.clear()
+        for stream in streams:
+            stream.put(EngineStoppedError(f"engine loop died: {exc}"))
+        self._refuse_inbox(exc)
+        if isinstance(exc, EngineStoppedError):
+            for listener in self._death_listeners:
+                listener(str(exc))
+
+    def _refuse_inbox(self, exc: BaseException) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Add):
+                with self._lock:
+                    for request_id in item.request_ids:
+                        self._submitted.pop(request_id, None)
+                _resolve(item.admitted, EngineStoppedError(f"engine loop died: {exc}"))
 
     def _step(self) -> list[RequestOutput]:
         try:
             return self.engine.step()
+        except EngineStoppedError:
+            raise
         except Exception as exc:
             logger.exception("engine step failed; failing the requests in flight")
             return self.engine.fail_all(f"{type(exc).__name__}: {exc}")
@@ -264,10 +311,12 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return
 
-    def _handle(self, item: _Add | _Abort) -> None:
+    def _handle(self, item: _Add | _Abort | _Fatal) -> None:
         if isinstance(item, _Abort):
             self.engine.abort_request(item.request_id)
             return
+        if isinstance(item, _Fatal):
+            raise TensorParallelError(item.message)
         try:
             self._add_all(item)
         except Exception as exc:

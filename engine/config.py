@@ -307,6 +307,7 @@ class EngineConfig:
     enforce_eager: bool = False          # CUDA: never replay decode steps from CUDA graphs
     num_threads: int | None = None       # torch intra-op threads on CPU; None: all cores
     quantization: str = "auto"           # auto | none | int8 | int4 (engine/quantization.py)
+    tensor_parallel_size: int = 1        # ranks the model is split over (engine/distributed.py)
     seed: int = 0
 
     def __post_init__(self):
@@ -318,7 +319,7 @@ class EngineConfig:
             raise ValueError("quantization must be auto, none, int8 or int4, "
                              f"got {self.quantization!r}")
         _check_device_and_dtype(self.device, self.dtype)
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:

@@ -36,3 +36,7 @@ class EngineStoppedError(RuntimeError):
 
 class RequestFailedError(RuntimeError):
     """One request failed inside the engine; the others go on."""
+
+
+class TensorParallelError(EngineStoppedError):
+    """A tensor-parallel rank died or a collective failed: the engine cannot go on."""

@@ -28,6 +28,7 @@ class GenerationLimits:
     # max_model_len counts the decoder's tokens (its start token and the generated ones).
     # 0: a decoder-only model, whose prompt and output share max_model_len.
     max_encoder_len: int = 0
+    tensor_parallel_size: int = 1        # ranks the model is split over
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -81,10 +82,16 @@ class GenerationLimits:
                                    f"[0, {self.vocab_size})")
 
     def validate_prompt_logprobs(self, prompt_logprobs: int | None, param: str = "prompt_logprobs") -> None:
-        """An encoder-decoder model reads its prompt with the encoder and never predicts it."""
-        if prompt_logprobs is not None and self.is_encoder_decoder:
+        """An encoder-decoder model reads its prompt with the encoder and never predicts it; split
+        over ranks, a model's step computes only the sampled rows' logits."""
+        if prompt_logprobs is None:
+            return
+        if self.is_encoder_decoder:
             raise InvalidParameter(param, f"{param}: this encoder-decoder model encodes the prompt and never "
                                    "predicts it, so the prompt has no logprobs")
+        if self.tensor_parallel_size > 1:
+            raise InvalidParameter(param, f"{param}: prompt logprobs are not computed with tensor parallelism "
+                                   f"(this server splits the model over {self.tensor_parallel_size} ranks)")
 
     def validate_n(self, n: int) -> None:
         if n > self.max_num_seqs:

@@ -12,8 +12,11 @@ import torch
 
 from engine.config import EngineConfig
 from engine.device import resolve_device, resolve_dtype, use_cpu_threads
+from engine.distributed import TensorParallelGroup
+from engine.errors import EngineStoppedError
 from engine.guided import GrammarCompiler, GrammarMatcher, disallow, fill_bitmask
 from engine.kv_cache import BlockManager, ceil_div
+from engine.tp_worker import cpu_threads_per_rank
 from engine.limits import GenerationLimits
 from engine.loader import build_model, load_tokenizer, open_checkpoint
 from engine.model_runner import ModelRunner
@@ -76,7 +79,8 @@ class EngineCounters:
 class LLMEngine:
     def __init__(self, model: str, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
-        self.num_threads = use_cpu_threads(self.config.num_threads)
+        self.num_threads = use_cpu_threads(self.config.num_threads or
+                                           cpu_threads_per_rank(self.config.tensor_parallel_size))
         self.checkpoint = open_checkpoint(model)
         self.model_config = self.checkpoint.config
         if not self.model_config.is_causal:
@@ -85,12 +89,19 @@ class LLMEngine:
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device, self.model_config.dtype)
         self.tokenizer = load_tokenizer(self.checkpoint)
+        # Tensor parallelism: the other ranks load their shards while this one loads its own.
+        self.tensor_parallel = TensorParallelGroup.start(model, self.config, self.model_config) \
+            if self.config.tensor_parallel_size > 1 else None
+        shard = self.tensor_parallel.shard if self.tensor_parallel else None
         plan = plan_quantization(self.config.quantization, self.checkpoint, self.device)
         model_module = quantize_model(
-            build_model(self.checkpoint, self.dtype, self.device, plan.gguf_kernels), plan)
+            build_model(self.checkpoint, self.dtype, self.device, plan.gguf_kernels, shard), plan)
         self.quantization_summary = summarize(model_module, plan)
         logger.info("quantization: %s", self.quantization_summary)
-        self.runner = ModelRunner(model_module, self.model_config, self.config, self.device, self.dtype)
+        if self.tensor_parallel:
+            self.runner = self.tensor_parallel.runner(model_module, self.config, self.device, self.dtype)
+        else:
+            self.runner = ModelRunner(model_module, self.model_config, self.config, self.device, self.dtype)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
@@ -103,8 +114,10 @@ class LLMEngine:
             max_model_len=self.max_model_len, max_num_seqs=self.config.max_num_seqs,
             block_size=self.config.block_size, num_blocks=self.runner.num_blocks,
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
-            quantization=str(self.quantization_summary), max_encoder_len=self.max_encoder_len)
-        if self.device.type == "cuda" and not self.config.enforce_eager and self.runner.backend.supports_cuda_graphs:
+            quantization=str(self.quantization_summary), max_encoder_len=self.max_encoder_len,
+            tensor_parallel_size=self.config.tensor_parallel_size)
+        if self.device.type == "cuda" and not self.config.enforce_eager and self.runner.backend.supports_cuda_graphs \
+                and not self.tensor_parallel:          # graphs would have to be captured on every rank
             self.runner.capture_cuda_graphs(self.config.max_num_seqs, self.max_model_len)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | frozenset(
             self.tokenizer.eos_token_ids)
@@ -216,6 +229,12 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks, if any (idempotent; also done at exit). The engine
+        cannot step afterwards."""
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.shutdown()
+
     @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
@@ -233,6 +252,8 @@ class LLMEngine:
         self._mark_scheduled(batch, started)
         try:
             sampled = self._run(batch) if not batch.is_empty else None
+        except EngineStoppedError:              # a tensor-parallel rank died: nothing can run now
+            raise
         except Exception as exc:                # the forward failed: only this batch's requests fail
             logger.exception("model step failed")
             return self._fail_requests({seq.request_id for seq in batch.seqs}, exc)
@@ -424,6 +445,10 @@ class LLM:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks, if any (also done at exit)."""
+        self.engine.shutdown()
 
     def generate(self, prompts: str | Seq[str] | Seq[Seq[int]],
                  params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:

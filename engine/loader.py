@@ -29,6 +29,7 @@ from engine.layers.quant_blocks import BlockRows
 from engine.layers.moe import GroupedExperts
 
 if TYPE_CHECKING:                     # engine.models imports every family: only for annotations
+    from engine.layers.parallel import TensorShard
     from engine.models import CheckpointModel
 
 # name -> (package that ships it, path inside the package)
@@ -300,20 +301,27 @@ def _expected_keys(model: nn.Module) -> set[str]:
 
 
 def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device,
-                block_kernels: ModuleType | None = None) -> nn.Module:
+                block_kernels: ModuleType | None = None, shard: TensorShard | None = None) -> nn.Module:
     """The model of a checkpoint with its weights, in eval mode, on `device`.
 
     block_kernels: the C++ kernels (engine/kernels.py) that multiply Q4_0 / Q4_1 / Q8_0 blocks;
-    given, a GGUF's matrices in those formats stay blocks instead of being dequantized."""
+    given, a GGUF's matrices in those formats stay blocks instead of being dequantized.
+    shard: one tensor-parallel rank's part (engine/layers/parallel.py): the model is built with
+    the rank's sizes and each tensor is cut to its part as it is read."""
     from engine.models import model_class
     cls = model_class(checkpoint.config)
     with torch.device("meta"):
-        model = cls(checkpoint.config)
+        model = cls(shard.local_config if shard else checkpoint.config)
+        if shard:
+            shard.prepare(model)
     model = model.to(dtype).to_empty(device=device)
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
-    blocks = load_weights(model, checkpoint.tensors(block_kernels is not None), str(checkpoint.path))
+    tensors = checkpoint.tensors(block_kernels is not None)
+    if shard:
+        tensors = shard.tensors(model, tensors)
+    blocks = load_weights(model, tensors, str(checkpoint.path))
     if blocks:
         from engine.quantization import swap_in_blocks
         swap_in_blocks(model, blocks, block_kernels, dtype)

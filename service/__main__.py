@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from types import FrameType
 
 import uvicorn
@@ -27,6 +28,7 @@ from service.app import create_app  # noqa: E402  (imports torch)
 from service.settings import Settings, load_settings  # noqa: E402
 
 logger = logging.getLogger("service")
+_FAIL_EXIT_GRACE_S = 30.0      # past --drain-timeout, how long a fatal error's shutdown may take
 
 
 class DrainingServer(uvicorn.Server):
@@ -62,6 +64,17 @@ class DrainingServer(uvicorn.Server):
         logger.error("exiting: %s", message)
         self.exit_code = 1
         self.should_exit = True
+        # Should the shutdown itself hang (a collective stuck on a dead GPU rank), exit anyway.
+        deadline = self.app_server.settings.drain_timeout + _FAIL_EXIT_GRACE_S
+        watchdog = threading.Timer(deadline, _exit_now, args=(deadline,))
+        watchdog.daemon = True
+        watchdog.start()
+
+
+def _exit_now(deadline: float) -> None:
+    logger.error("still running %.0fs after a fatal error: exiting now", deadline)
+    logging.shutdown()
+    os._exit(1)
 
 
 class ReadTimeoutProtocol(AutoHTTPProtocol):
@@ -141,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"python -m service: {where}: {error['msg']}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    try:
+        launched = _launched_rank(settings)
+    except ValueError as exc:
+        print(f"python -m service: {exc}", file=sys.stderr)
+        return 2
+    if launched is not None and launched != 0:     # torchrun: this process serves one shard
+        return _serve_rank(settings)
     steady_malloc()
     logger.info("starting with %s", settings)
     holder: dict[str, DrainingServer] = {}
@@ -152,6 +172,28 @@ def main(argv: list[str] | None = None) -> int:
     server = holder["server"] = DrainingServer(config, app.state.server)
     server.run()
     return server.exit_code
+
+
+def _launched_rank(settings: Settings) -> int | None:
+    """The rank torchrun gave this process (None: not launched); the launch must match the flags."""
+    from engine.tp_worker import check_launch, launched_rank
+    rank = launched_rank()
+    if rank is not None:
+        check_launch(settings.tensor_parallel_size)
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s"))
+    return rank
+
+
+def _serve_rank(settings: Settings) -> int:
+    """Rank 1.. under torchrun: load this rank's shard and run rank 0's steps; no HTTP."""
+    from engine.tp_worker import serve_rank
+    try:
+        serve_rank(settings.model, settings.engine_config())
+    except Exception:
+        logger.exception("this tensor-parallel rank failed")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

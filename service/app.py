@@ -34,7 +34,8 @@ Errors: `/v1/*` answer `{"error": {"message", "type", "param", "code"}}`, the ot
 
 
 def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
-    """The app for `settings`; `on_fatal(message)` is called if a model fails to load."""
+    """The app for `settings`; `on_fatal(message)` is called if a model fails to load, or the
+    generation engine stops for good (a tensor-parallel rank died)."""
     server = Server(settings or Settings(), on_fatal=on_fatal)
 
     @asynccontextmanager

@@ -160,6 +160,7 @@ class Server:
     def _watch(self, generator) -> None:
         metrics, limits = self.metrics, generator.limits
         generator.add_step_listener(metrics.observe_step)
+        generator.add_death_listener(self._generator_stopped)
         metrics.set_build(VERSION, self.model_id, limits.device, limits.dtype)
         metrics.bind_engine(lambda: generator.stats().num_running,
                             lambda: generator.stats().num_waiting,
@@ -167,6 +168,12 @@ class Server:
                             lambda: generator.is_alive)
         self.token_text = lru_cache(maxsize=1 << 16)(
             lambda token_id: generator.tokenizer.decode([token_id], skip_special_tokens=False))
+
+    def _generator_stopped(self, message: str) -> None:
+        """The generation engine stopped for good (a tensor-parallel rank died): every request
+        has failed (503), /ready and /health say 503, and the process exits non-zero."""
+        if self.on_fatal is not None:
+            self.on_fatal(f"the generation engine stopped: {message}")
 
     async def drain(self) -> None:
         """Stop admitting; let running requests finish up to --drain-timeout, abort the rest."""

@@ -43,6 +43,9 @@ _HELP = {
     "cors_origins": "origins allowed by CORS (comma list; off by default)",
     "quantization": "auto: a Q4_0/Q4_1/Q8_0 GGUF keeps its blocks on the CPU; none: float weights; "
                     "int8 / int4: quantize every linear at load (CPU; see BENCHMARKS.md)",
+    "tensor_parallel_size": "ranks the generation model is split over (whole heads per rank; "
+                            "nccl on GPUs, gloo on the CPU); the server starts the other ranks "
+                            "itself, or torchrun starts them all",
     "max_batch_tokens": "encoder: most tokens (padding included) in one batch",
     "max_batch_size": "encoder: most inputs in one batch",
     "batch_wait_ms": "encoder: longest an input waits for others to fill its batch",
@@ -80,6 +83,7 @@ class Settings(BaseSettings):
     device: str = _default(EngineConfig, "device")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _default(EngineConfig, "dtype")
     quantization: Literal["auto", "none", "int8", "int4"] = _default(EngineConfig, "quantization")
+    tensor_parallel_size: int = Field(_default(EngineConfig, "tensor_parallel_size"), ge=1)
     max_num_seqs: int = Field(_default(EngineConfig, "max_num_seqs"), ge=1)
     max_num_batched_tokens: int = Field(_default(EngineConfig, "max_num_batched_tokens"), ge=1)
     max_prefill_tokens: int | None = Field(_default(EngineConfig, "max_prefill_tokens"), ge=1)
@@ -155,6 +159,8 @@ class Settings(BaseSettings):
         if self.model is None and not self.encoders():
             raise ValueError("no model to serve: --model, --embedding-model, --classifier-model and "
                              "--reranker-model are all none")
+        if self.model is None and self.tensor_parallel_size > 1:
+            raise ValueError("--tensor-parallel-size splits the generation model, and --model is none")
         paths: dict[str, str] = {}
         for _, name, path in self.encoders():
             if paths.setdefault(name, path) != path:
@@ -177,7 +183,8 @@ class Settings(BaseSettings):
             kv_cache_memory=self.kv_cache_memory, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_prefill_tokens=self.max_prefill_tokens, max_model_len=self.max_model_len,
-            enable_prefix_caching=self.enable_prefix_caching, quantization=self.quantization)
+            enable_prefix_caching=self.enable_prefix_caching, quantization=self.quantization,
+            tensor_parallel_size=self.tensor_parallel_size)
 
     def encoder_config(self) -> EncoderConfig:
         """The encoders these flags describe."""

@@ -39,8 +39,10 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, api_key: str | None = None):
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, api_key: str | None = None,
+                 launcher: list[str] | None = None):
         self.port = free_port()
+        self.launcher = launcher                 # None: python -m service; or torchrun ... -m service
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = ["--host", "127.0.0.1", "--port", str(self.port), *args]
         if api_key:
@@ -59,7 +61,8 @@ class ServerProcess:
 
     def start(self, timeout: float = 90.0, wait: bool = True) -> "ServerProcess":
         log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "service", *self.args], cwd=REPO,
+        launcher = self.launcher or [sys.executable, "-m", "service"]
+        self.proc = subprocess.Popen([*launcher, *self.args], cwd=REPO,
                                      env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         if wait:

@@ -22,6 +22,8 @@ class CheckpointModel(Protocol):
     config: ModelConfig
     packed_modules: dict[str, str]          # checkpoint projection -> the fused module holding it
     transposed_weights: tuple[str, ...]     # checkpoint weights stored (in, out): GPT-2's Conv1D
+    tensor_parallel: dict[str, str]         # module name -> how it splits over ranks (engine/layers/parallel.py)
+    partial_sums: str                       # regex: modules whose outputs are summed over ranks
 
     def checkpoint_name(self, name: str) -> str | None:
         """Our parameter name for a checkpoint tensor; None for tensors we do not load."""

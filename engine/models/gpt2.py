@@ -17,13 +17,13 @@ from engine.layers.attention import Attention, AttnMetadata
 class GPT2Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.hidden_size = config.hidden_size
-        self.c_attn = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.c_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.q_size = config.num_heads * config.head_dim     # the hidden size, unless heads are split
+        self.c_attn = nn.Linear(config.hidden_size, 3 * self.q_size)
+        self.c_proj = nn.Linear(self.q_size, config.hidden_size)
         self.attn = Attention(config.num_heads, config.num_heads, config.head_dim)
 
     def forward(self, hidden, meta: AttnMetadata):
-        q, k, v = self.c_attn(hidden).split(self.hidden_size, dim=-1)
+        q, k, v = self.c_attn(hidden).split(self.q_size, dim=-1)
         return self.c_proj(self.attn(q, k, v, meta))
 
 
@@ -70,6 +70,9 @@ class GPT2LMHeadModel(nn.Module):
     packed_modules: dict[str, str] = {}
     transposed_weights = ("attn.c_attn.weight", "attn.c_proj.weight",
                           "mlp.c_fc.weight", "mlp.c_proj.weight")
+    # tensor parallelism (engine/layers/parallel.py), as LlamaForCausalLM's
+    tensor_parallel = {"c_attn": "qkv", "c_fc": "columns", "c_proj": "rows", "wte": "vocab", "lm_head": "vocab"}
+    partial_sums = r"\.h\.\d+\.(attn|mlp)$"
     # Buffers older checkpoints saved next to the weights (causal masks), never loaded.
     _ignored_suffixes = (".attn.bias", ".attn.masked_bias")
 

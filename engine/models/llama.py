@@ -83,6 +83,12 @@ class LlamaForCausalLM(nn.Module):
                       "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
     transposed_weights: tuple[str, ...] = ()
     model_class: type[nn.Module] = LlamaModel     # the decoder stack (MoE families bring theirs)
+    # tensor parallelism (engine/layers/parallel.py): how each module splits over the ranks,
+    # and the modules whose outputs are partial sums (all-reduced)
+    tensor_parallel = {"q_proj": "heads", "k_proj": "kv_heads", "v_proj": "kv_heads", "o_proj": "rows",
+                       "gate_proj": "columns", "up_proj": "columns", "down_proj": "rows",
+                       "embed_tokens": "vocab", "lm_head": "vocab"}
+    partial_sums = r"\.layers\.\d+\.(self_attn|mlp)$"
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -107,6 +107,9 @@ class MoeForCausalLM(LlamaForCausalLM):
     """MixtralForCausalLM, Qwen2MoeForCausalLM, OlmoeForCausalLM."""
 
     model_class = MoeModel
+    # experts whole per rank; OLMoE's QK-norms span every head (the shared expert splits as an MLP)
+    tensor_parallel = LlamaForCausalLM.tensor_parallel | {"experts": "experts", "q_norm": "heads",
+                                                          "k_norm": "kv_heads"}
 
     def checkpoint_name(self, name: str) -> str | None:
         """Our parameter name for a checkpoint tensor; None for tensors we do not load."""
