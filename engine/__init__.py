@@ -3,11 +3,12 @@
     from engine import LLM, Encoder, SamplingParams
 """
 from engine.config import EngineConfig, ModelConfig
+from engine.guided import GuidedDecoding
 from engine.llm_engine import LLM, LLMEngine
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "ModelConfig", "SamplingParams", "RequestOutput",
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "ModelConfig", "SamplingParams", "GuidedDecoding", "RequestOutput",
            "CompletionOutput", "Encoder"]
 __version__ = "0.1.0"
 

@@ -6,7 +6,8 @@ callers talk to it through an inbox and read their request's own outbox.
     # leaving the loop early (client gone) aborts the request; its blocks are free
     # within one engine step.
 
-Tokenization runs in a worker thread, never on the event loop nor in the engine thread.
+Tokenization (and compiling a request's grammar) runs in a worker thread, never on the event
+loop nor in the engine thread.
 """
 from __future__ import annotations
 
@@ -191,7 +192,7 @@ class AsyncLLMEngine:
                                      else "the server is shutting down")
         arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         request_ids = list(request_ids or [f"req-{next(self._ids)}" for _ in prompts])
-        encoded = await asyncio.to_thread(self._encode_all, prompts)
+        encoded = await asyncio.to_thread(self._prepare, prompts, params)
         loop = asyncio.get_running_loop()
         streams = [RequestStream(request_id, self, loop) for request_id in request_ids]
         admitted = loop.create_future()
@@ -207,6 +208,13 @@ class AsyncLLMEngine:
                 self.abort(request_id)
             raise
         return streams
+
+    def _prepare(self, prompts: Seq[str | Seq[int]], params: SamplingParams) -> list[tuple[list[int], str | None]]:
+        """Off the engine thread: tokenize, and compile the grammar (InvalidGrammar raises here,
+        and the engine thread finds it compiled)."""
+        if params.guided_decoding is not None:
+            self.engine.grammars.compile(params.guided_decoding)
+        return self._encode_all(prompts)
 
     def _encode_all(self, prompts: Seq[str | Seq[int]]) -> list[tuple[list[int], str | None]]:
         return [(self.tokenizer.encode(p), p) if isinstance(p, str) else (list(p), None) for p in prompts]

@@ -22,6 +22,10 @@ class PromptTooLongError(InvalidParameter):
         self.num_tokens, self.max_tokens = num_tokens, max_tokens
 
 
+class InvalidGrammar(InvalidParameter):
+    """A constraint on the output (JSON schema, regex, choices, grammar) that does not compile."""
+
+
 class QueueFullError(RuntimeError):
     """Too much is waiting already; retry later."""
 

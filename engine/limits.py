@@ -8,7 +8,7 @@ publishes; readers never touch the block manager or the scheduler the engine thr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from engine.errors import InvalidParameter, PromptTooLongError
 
@@ -28,6 +28,7 @@ class GenerationLimits:
     # max_model_len counts the decoder's tokens (its start token and the generated ones).
     # 0: a decoder-only model, whose prompt and output share max_model_len.
     max_encoder_len: int = 0
+    tensor_parallel_size: int = 1        # ranks the model is split over
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -73,6 +74,24 @@ class GenerationLimits:
                 param, f"this model's maximum context length is {self.max_model_len} tokens, but "
                 f"{total} were asked for ({num_prompt_tokens} in the prompt, {max_tokens} in {param}): "
                 f"shorten the prompt or lower {param}", total, self.max_model_len)
+
+    def validate_logit_bias(self, logit_bias: Mapping[int, float] | None) -> None:
+        bad = next((i for i in (logit_bias or ()) if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidParameter("logit_bias", f"logit_bias: token id {bad} is outside the vocabulary "
+                                   f"[0, {self.vocab_size})")
+
+    def validate_prompt_logprobs(self, prompt_logprobs: int | None, param: str = "prompt_logprobs") -> None:
+        """An encoder-decoder model reads its prompt with the encoder and never predicts it; split
+        over ranks, a model's step computes only the sampled rows' logits."""
+        if prompt_logprobs is None:
+            return
+        if self.is_encoder_decoder:
+            raise InvalidParameter(param, f"{param}: this encoder-decoder model encodes the prompt and never "
+                                   "predicts it, so the prompt has no logprobs")
+        if self.tensor_parallel_size > 1:
+            raise InvalidParameter(param, f"{param}: prompt logprobs are not computed with tensor parallelism "
+                                   f"(this server splits the model over {self.tensor_parallel_size} ranks)")
 
     def validate_n(self, n: int) -> None:
         if n > self.max_num_seqs:

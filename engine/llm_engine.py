@@ -14,14 +14,16 @@ from engine.config import EngineConfig
 from engine.device import resolve_device, resolve_dtype, use_cpu_threads
 from engine.distributed import TensorParallelGroup
 from engine.errors import EngineStoppedError
+from engine.guided import GrammarCompiler, GrammarMatcher, disallow, fill_bitmask
 from engine.kv_cache import BlockManager, ceil_div
 from engine.tp_worker import cpu_threads_per_rank
 from engine.limits import GenerationLimits
 from engine.loader import build_model, load_tokenizer, open_checkpoint
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionState, RequestMetrics, RequestOutput
+from engine.prompt_logprobs import PromptLogprob, collect_prompt_logprobs
 from engine.quantization import plan_quantization, quantize_model, summarize
-from engine.sampling import SampleRequest, Sampler, SamplerOutput, SamplingParams
+from engine.sampling import SampleRequest, Sampler, SamplerOutput, SamplingParams, TokenMasks
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence, SequenceStatus
 
@@ -58,6 +60,7 @@ class Request:
     completions: list[CompletionState]
     metrics: RequestMetrics
     error: str | None = None
+    prompt_logprobs: list[PromptLogprob | None] | None = None   # filled during prefill when asked
 
     @property
     def finished(self) -> bool:
@@ -111,12 +114,14 @@ class LLMEngine:
             max_model_len=self.max_model_len, max_num_seqs=self.config.max_num_seqs,
             block_size=self.config.block_size, num_blocks=self.runner.num_blocks,
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
-            quantization=str(self.quantization_summary), max_encoder_len=self.max_encoder_len)
+            quantization=str(self.quantization_summary), max_encoder_len=self.max_encoder_len,
+            tensor_parallel_size=self.config.tensor_parallel_size)
         if self.device.type == "cuda" and not self.config.enforce_eager and self.runner.backend.supports_cuda_graphs \
                 and not self.tensor_parallel:          # graphs would have to be captured on every rank
             self.runner.capture_cuda_graphs(self.config.max_num_seqs, self.max_model_len)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | frozenset(
             self.tokenizer.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
         self.requests: dict[str, Request] = {}
         self.counters = EngineCounters()
         self.step_listeners: list[Callable[[StepStats], None]] = []
@@ -176,16 +181,25 @@ class LLMEngine:
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.limits.validate_prompt(prompt_ids)
         self.limits.validate_n(params.n)
+        self.limits.validate_logit_bias(params.logit_bias)
+        self.limits.validate_prompt_logprobs(params.prompt_logprobs)
+        # Compiled before anything is queued (InvalidGrammar); the async engine has done it
+        # already, off this thread, and this finds it in the cache.
+        grammar = self.grammars.compile(params.guided_decoding) if params.guided_decoding else None
         now = arrival_time if arrival_time is not None else time.monotonic()
         seqs = [self._new_sequence(request_id, prompt_ids, params, i, now) for i in range(params.n)]
         for seq in seqs:
             seq.group_id = group_id or request_id
+            seq.grammar = GrammarMatcher(grammar) if grammar is not None else None
         seqs[0].siblings = seqs[1:]
         # Text continues the decoder's own prompt (an encoder-decoder's start token).
         completions = [CompletionState(i, self.tokenizer, seqs[0].prompt_token_ids, params, self.eos_token_ids)
                        for i in range(params.n)]
-        self.requests[request_id] = Request(request_id, text, prompt_ids, params, seqs, completions,
-                                            RequestMetrics(arrival_time=now))
+        request = Request(request_id, text, prompt_ids, params, seqs, completions, RequestMetrics(arrival_time=now))
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
+            seqs[0].prompt_logits_from = 0 if len(prompt_ids) > 1 else None
+        self.requests[request_id] = request
         self.scheduler.add(seqs[0])
 
     def _new_sequence(self, request_id, prompt_ids, params, index, now) -> Sequence:
@@ -259,23 +273,60 @@ class LLMEngine:
         return self._collect_outputs(failed)
 
     def _run(self, batch: ScheduledBatch) -> SamplerOutput:
-        logits = self.runner.execute(batch)
+        wanting = [j for j, seq in enumerate(batch.seqs) if seq.prompt_logits_from is not None]
+        if wanting:
+            logits, hidden = self.runner.execute_with_hidden(batch, wanting)
+            self._collect_prompt_logprobs(batch, wanting, hidden)
+        else:
+            logits = self.runner.execute(batch)
         requests = [self._sample_request(seq) for seq, _ in batch.samples]
+        masks = self._token_masks(batch)
         try:
-            return self.sampler(logits, requests)
+            return self.sampler(logits, requests, masks)
         except Exception:                       # isolate: sample rows one by one
             logger.exception("batched sampling failed; sampling rows one at a time")
-            return self._sample_rows_separately(logits, requests)
+            return self._sample_rows_separately(logits, requests, masks)
+
+    def _token_masks(self, batch: ScheduledBatch) -> TokenMasks | None:
+        """What each constrained sequence's grammar allows next (EOS too, once the text may end,
+        unless the request ignores EOS)."""
+        rows = [i for i, (seq, _) in enumerate(batch.samples) if seq.grammar is not None]
+        if not rows:
+            return None
+        matchers = []
+        for i in rows:
+            seq = batch.samples[i][0]
+            if seq.grammar.num_tokens != seq.num_output_tokens:      # never, unless something went wrong
+                seq.grammar.sync(seq.output_token_ids)
+            matchers.append(seq.grammar)
+        bitmask = fill_bitmask(matchers, self.grammars.vocab_size)
+        for k, i in enumerate(rows):
+            if self.requests[batch.samples[i][0].request_id].params.ignore_eos:
+                disallow(bitmask, k, self.grammars.eos_token_ids)
+        return TokenMasks(rows, bitmask)
+
+    def _collect_prompt_logprobs(self, batch: ScheduledBatch, wanting: list[int], hidden) -> None:
+        for j, rows in zip(wanting, hidden):
+            seq = batch.seqs[j]
+            request = self.requests[seq.request_id]
+            collected = request.prompt_logprobs
+            collect_prompt_logprobs(collected, request.prompt_token_ids, seq.num_computed_tokens, rows,
+                                    self.runner.compute_logits, request.params.prompt_logprobs)
+            done = len(collected) == len(request.prompt_token_ids)
+            seq.prompt_logits_from = None if done else len(collected) - 1
 
     def _sample_request(self, seq: Sequence) -> SampleRequest:
         params = self.requests[seq.request_id].params
         return SampleRequest(params, seq.prompt_token_ids, seq.output_token_ids, seq.sampling_state)
 
-    def _sample_rows_separately(self, logits, requests) -> SamplerOutput:
+    def _sample_rows_separately(self, logits, requests, masks: TokenMasks | None) -> SamplerOutput:
         out = SamplerOutput([], [], [], [])
+        mask_of = {row: k for k, row in enumerate(masks.rows)} if masks is not None else {}
         for i, request in enumerate(requests):
             try:
-                row = self.sampler(logits[i: i + 1], [request])
+                k = mask_of.get(i)
+                row_mask = TokenMasks([0], masks.bitmask[k: k + 1]) if k is not None else None
+                row = self.sampler(logits[i: i + 1], [request], row_mask)
             except Exception:
                 logger.exception("sampling failed for one sequence")
                 row = SamplerOutput([0], [0.0], [None], [0])
@@ -320,12 +371,26 @@ class LLMEngine:
         request.metrics.num_cached_tokens = request.seqs[0].num_cached_tokens
         completion = request.completions[seq.index]
         completion.add_token(token_id, sampled.logprobs[row], sampled.top_logprobs[row])
+        if completion.finish_reason is None and seq.grammar is not None:
+            self._advance_grammar(seq, completion, token_id)
         if completion.finish_reason is None and seq.num_output_tokens >= seq.max_tokens:
             completion.finish("length")
         if completion.finish_reason is not None:
             status = SequenceStatus.FINISHED_LENGTH if completion.finish_reason == "length" \
                 else SequenceStatus.FINISHED_STOPPED
             self.scheduler.finish(seq, status)
+
+    @staticmethod
+    def _advance_grammar(seq: Sequence, completion: CompletionState, token_id: int) -> None:
+        """The grammar takes the token; a complete text ends the completion ("stop")."""
+        if seq.grammar.error is not None:          # e.g. a step past llguidance's work limits
+            raise RuntimeError(f"the grammar could not go on: {seq.grammar.error}")
+        if not seq.grammar.accept(token_id):
+            # Only when the mask allowed no token (what the grammar needs next, no token of this
+            # vocabulary spells), or on a bug.
+            raise RuntimeError(f"the grammar refused token {token_id}: {seq.grammar.error}")
+        if seq.grammar.is_finished:
+            completion.finish("stop")
 
     def _fail(self, request: Request, message: str) -> None:
         request.error = message
@@ -345,8 +410,13 @@ class LLMEngine:
             outputs.append(RequestOutput(
                 request.request_id, request.prompt, request.prompt_token_ids,
                 [c.take_output() for c in request.completions], request.finished,
-                request.metrics, request.error))
+                request.metrics, request.error, self._finished_prompt_logprobs(request)))
         return outputs
+
+    @staticmethod
+    def _finished_prompt_logprobs(request: Request) -> list[PromptLogprob | None] | None:
+        collected = request.prompt_logprobs
+        return collected if collected is not None and len(collected) == len(request.prompt_token_ids) else None
 
     def _report(self, batch: ScheduledBatch, duration: float) -> None:
         prefill = sum(min(n, max(0, seq.num_prompt_tokens - (seq.num_computed_tokens - n)))

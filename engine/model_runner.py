@@ -122,11 +122,32 @@ class ModelRunner:
             self.copy_blocks(batch.blocks_to_copy)
         if self.graphs is not None and self._is_graph_decode(batch):
             return self._replay_decode(batch)
+        hidden = self._forward(batch)
+        return self.model.compute_logits(hidden[self._sample_rows(batch)])
+
+    @torch.inference_mode()
+    def execute_with_hidden(self, batch: ScheduledBatch,
+                            seq_indices: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """execute(), and the hidden states of every token batch.seqs[j] computes this step, for
+        each j in seq_indices (prompt logprobs: compute_logits of them, a slice at a time)."""
+        if batch.blocks_to_copy:
+            self.copy_blocks(batch.blocks_to_copy)
+        hidden = self._forward(batch)
+        ends = torch.tensor(batch.num_new_tokens).cumsum(0).tolist()
+        rows = [hidden[ends[j] - batch.num_new_tokens[j]: ends[j]] for j in seq_indices]
+        return self.model.compute_logits(hidden[self._sample_rows(batch)]), rows
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden)
+
+    def _forward(self, batch: ScheduledBatch) -> torch.Tensor:
         input_ids, positions, meta = self.prepare_inputs(batch)
-        hidden = self.model(input_ids, positions, meta)               # (num_tokens, hidden)
+        return self.model(input_ids, positions, meta)                 # (num_tokens, hidden)
+
+    def _sample_rows(self, batch: ScheduledBatch) -> torch.Tensor:
         last_rows = torch.tensor(batch.num_new_tokens).cumsum(0) - 1
-        rows = last_rows[[index for _, index in batch.samples]].to(self.device)
-        return self.model.compute_logits(hidden[rows])
+        return last_rows[[index for _, index in batch.samples]].to(self.device)
 
     def _is_graph_decode(self, batch: ScheduledBatch) -> bool:
         return (len(batch.seqs) <= self.graphs.max_batch_size and len(batch.samples) == len(batch.seqs)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    from engine.prompt_logprobs import PromptLogprob
     from engine.tokenizer import Tokenizer
 
 
@@ -54,6 +55,9 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     error: str | None = None                    # set when this request failed alone
+    # With params.prompt_logprobs: one per prompt token (None first), in every output from the
+    # first one on (the prompt is computed before any token is generated).
+    prompt_logprobs: list["PromptLogprob | None"] | None = None
 
     # The first completion, for the common n == 1 case.
     @property

@@ -14,6 +14,7 @@ from typing import Sequence as Seq
 import torch
 
 from engine.errors import InvalidParameter
+from engine.guided import GuidedDecoding, apply_bitmask
 
 # The bounds of each field, enforced here and imported by the HTTP schemas.
 MAX_SEED = 2**64 - 1
@@ -22,6 +23,8 @@ MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 100.0
 MAX_ABS_PENALTY = 2.0                # frequency and presence penalties lie in [-2, 2]
 MAX_N = 64
+MAX_LOGIT_BIAS = 100.0               # each bias lies in [-100, 100] (OpenAI's range)
+MAX_LOGIT_BIAS_ENTRIES = 1024
 # Below this a temperature acts greedy: dividing logits by it would overflow float32.
 _MIN_TEMPERATURE = 1e-5
 # A smaller repetition penalty is clamped to it: its reward for seen tokens already
@@ -47,7 +50,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None          # None: no alternatives; k: top-k alternatives per token
+    prompt_logprobs: int | None = None   # None: none; k: each prompt token's logprob and top-k alternatives
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None       # token id -> added to its logit before sampling
+    guided_decoding: GuidedDecoding | None = None    # a grammar the text must follow
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -69,8 +75,23 @@ class SamplingParams:
         _check(1 <= self.n <= MAX_N, "n", f"must be in [1, {MAX_N}]", self.n)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop",
                "must be non-empty strings", self.stop)
-        _check(self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS, "logprobs",
-               f"must be in [0, {MAX_TOP_LOGPROBS}]", self.logprobs)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or 0 <= value <= MAX_TOP_LOGPROBS, name,
+                   f"must be in [0, {MAX_TOP_LOGPROBS}]", value)
+        if self.logit_bias:
+            self._check_logit_bias()
+        _check(self.guided_decoding is None or isinstance(self.guided_decoding, GuidedDecoding),
+               "guided_decoding", "must be a GuidedDecoding", self.guided_decoding)
+
+    def _check_logit_bias(self) -> None:
+        _check(len(self.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES, "logit_bias",
+               f"must have at most {MAX_LOGIT_BIAS_ENTRIES} entries", len(self.logit_bias))
+        for token_id, bias in self.logit_bias.items():
+            _check(isinstance(token_id, int) and token_id >= 0, "logit_bias",
+                   "keys must be token ids (integers >= 0)", token_id)
+            _check(isinstance(bias, (int, float)) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS, "logit_bias",
+                   f"values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]", bias)
 
     @property
     def is_greedy(self) -> bool:
@@ -103,6 +124,15 @@ class SampleRequest:
 
 
 @dataclass(slots=True)
+class TokenMasks:
+    """The allowed tokens of constrained rows: rows[i]'s mask is bitmask[i] (bit j of word w:
+    token 32w + j). Rows with no grammar are not in it."""
+
+    rows: list[int]
+    bitmask: torch.Tensor                          # (len(rows), ceil(vocab / 32)) int32
+
+
+@dataclass(slots=True)
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float]                          # of each chosen token under the raw model distribution
@@ -124,14 +154,22 @@ class Sampler:
         self.seed = seed
         self.row_stats = kernels.argmax_logsumexp if kernels is not None else row_stats
 
-    def __call__(self, logits: torch.Tensor, requests: Seq[SampleRequest]) -> SamplerOutput:
-        """logits (num_rows, vocab) float -> one token per row."""
+    def __call__(self, logits: torch.Tensor, requests: Seq[SampleRequest],
+                 masks: TokenMasks | None = None) -> SamplerOutput:
+        """logits (num_rows, vocab) float -> one token per row. Logprobs are the raw model's;
+        masks, logit biases and every other rule shape only the choice."""
         logits = logits.float().contiguous()
         # The normalizer of the raw distribution is finite exactly when the row has no NaN or
         # +inf: logprob = logit - logsumexp, no log_softmax copy.
         raw_argmax, log_normalizer = self.row_stats(logits)            # (num_rows,) each
         finite = torch.isfinite(log_normalizer)
-        processed = self._process(logits, requests)
+        processed = logits
+        if masks is not None and masks.rows:
+            processed = apply_bitmask(processed, masks.rows, masks.bitmask)
+        if any(r.params.logit_bias for r in requests):
+            processed = apply_logit_bias(processed, requests)
+        processed = self._process(processed, requests)
+        # The raw argmax is the greedy choice only while no rule has changed the logits.
         token_ids = self._draw(processed, requests, raw_argmax if processed is logits else None)
         chosen = logits.gather(1, token_ids[:, None])[:, 0] - log_normalizer
         top = self._top_logprobs(logits, log_normalizer, requests)
@@ -188,6 +226,17 @@ class Sampler:
         values, ids = logits.topk(max(wanted), dim=-1)
         values, ids = (values - log_normalizer[:, None]).tolist(), ids.tolist()
         return [list(zip(ids[i][:k], values[i][:k])) if k else None for i, k in enumerate(wanted)]
+
+
+def apply_logit_bias(logits: torch.Tensor, requests: Seq[SampleRequest]) -> torch.Tensor:
+    """Each row's logit_bias added to its logits (one scatter per biased row)."""
+    bias = torch.zeros_like(logits)
+    for i, r in enumerate(requests):
+        if r.params.logit_bias:
+            ids = torch.tensor(list(r.params.logit_bias), dtype=torch.long, device=logits.device)
+            values = torch.tensor(list(r.params.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+            bias[i, ids] = values
+    return logits + bias
 
 
 def apply_penalties(logits: torch.Tensor, requests: Seq[SampleRequest]) -> torch.Tensor:

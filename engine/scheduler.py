@@ -122,6 +122,8 @@ class Scheduler:
                 continue
             if self._allocate_or_preempt(seq, 1, batch):
                 batch.add(seq, 1)
+                # A prompt's last token may come this way (its chunks left one): fork then too.
+                self.running.extend(self._fork_if_prefilled(seq, 1, batch))
                 budget.spend(1, is_prompt=False)
 
     def _schedule_prompt_chunks(self, batch: ScheduledBatch, budget: _Budget) -> None:
@@ -144,6 +146,8 @@ class Scheduler:
             if len(self.running) + 1 + len(seq.siblings) > self.max_num_seqs:
                 return
             cached = self.block_manager.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
+            if seq.prompt_logits_from is not None:
+                cached = cached[: seq.prompt_logits_from // size]
             num_new = budget.prompt_tokens(seq.num_uncomputed_tokens - len(cached) * size)
             num_encoder = self._encoder_tokens(seq, num_new, budget)
             if num_encoder is None or not self.block_manager.allocate(seq, num_new, cached, batch.blocks_to_copy):

@@ -44,6 +44,10 @@ class Sequence:
     siblings: list["Sequence"] = field(default_factory=list)  # forked off this one after its prefill
     sampling_state: Any = None           # the engine's per-sequence sampling state (e.g. its RNG)
     group_id: str = ""                   # the client request it belongs to (fairness); "": its own
+    grammar: Any = None                  # its GrammarMatcher (engine/guided.py) when the text is constrained
+    # The first position whose logits prompt logprobs still need (None: none): the prefix cache
+    # serves only the blocks before it, the rest of the prompt runs through the model.
+    prompt_logits_from: int | None = None
     # Encoder-decoder models: the encoder's input (the prompt; token_ids are the decoder's,
     # from its start token) and the blocks holding its output's K/V. Empty for decoder-only.
     encoder_token_ids: list[int] = field(default_factory=list)

@@ -199,6 +199,10 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template error: {e}") from e
 
+    def chat_template_source(self, tools: Any = None) -> str:
+        """The template a conversation (offered these tools) renders through; ValueError if none."""
+        return self._pick_template(None, tools)
+
     def _pick_template(self, requested: str | None, tools: Any) -> str:
         if requested is not None:
             return self._chat_templates.get(requested, requested)

@@ -19,7 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.errors import EngineStoppedError, InvalidParameter, PromptTooLongError, QueueFullError, RequestFailedError
+from engine.errors import (EngineStoppedError, InvalidGrammar, InvalidParameter, PromptTooLongError, QueueFullError,
+                           RequestFailedError)
 
 logger = logging.getLogger("service")
 
@@ -68,6 +69,7 @@ _RETRY = {"Retry-After": "1"}
 # engine exception -> its answer; the first matching row wins (subclasses first).
 _ENGINE_ERRORS = (
     (PromptTooLongError, lambda e: APIError(400, str(e), param=e.param, code="context_length_exceeded")),
+    (InvalidGrammar, lambda e: APIError(400, _naming(e), param=e.param, code="invalid_grammar")),
     (InvalidParameter, lambda e: APIError(422, _naming(e), param=e.param,
                                           code="invalid_prompt" if e.param == "prompt" else "invalid_value")),
     (QueueFullError, lambda e: APIError(429, str(e), headers=_RETRY, code="queue_full")),
@@ -212,7 +214,8 @@ def install_handlers(app: FastAPI) -> None:
 # OpenAPI: the error bodies each family answers with.
 def openapi_errors(*statuses: int, openai: bool = False) -> dict[int | str, dict[str, Any]]:
     from service.schemas import NativeError, OpenAIErrorResponse
-    descriptions = {400: "prompt longer than the model allows", 401: "missing or wrong API key",
+    descriptions = {400: "prompt longer than the model allows, or a schema / regex / grammar that does not "
+                    "compile", 401: "missing or wrong API key",
                     404: "unknown model", 408: "the body did not arrive in time (--read-timeout)",
                     413: "body too large", 415: "the body is not sent as JSON", 422: "invalid field",
                     429: "queue full (see Retry-After)", 500: "generation failed",

@@ -124,15 +124,19 @@ class Generation:
 
 async def admit(server: Server, info: RequestInfo, prompts: Sequence[str | list[int]],
                 params: SamplingParams, *, truncate: int | None = None, add_special_tokens: bool = True,
-                asked_max_tokens: str | None = None) -> list[Generation]:
+                asked_max_tokens: str | None = None,
+                asked_prompt_logprobs: str = "prompt_logprobs") -> list[Generation]:
     """Queue one engine request per prompt, all in one engine iteration; every rejection
     raises before anything runs. --max-queue counts sequences: n for each prompt.
     asked_max_tokens names the field when the client set the cap itself: then a prompt and
-    cap that do not fit the model together are a 400 (as vLLM), where a default cap is cut."""
+    cap that do not fit the model together are a 400 (as vLLM), where a default cap is cut.
+    asked_prompt_logprobs names the field that asks for prompt logprobs (echo, ...)."""
     server.require_generator()
     info.model = server.model_id
     generator, limit = server.generator, server.settings.max_queue
     generator.limits.validate_n(params.n)
+    generator.limits.validate_logit_bias(params.logit_bias)
+    generator.limits.validate_prompt_logprobs(params.prompt_logprobs, asked_prompt_logprobs)
     num_seqs = len(prompts) * params.n
     if num_seqs > limit:
         raise APIError(422, f"the request asks for {num_seqs} sequences ({len(prompts)} prompts x n={params.n}); "

@@ -2,18 +2,22 @@
 
 Requests forbid unknown fields (a misspelt option silently ignored is worse than a 422), but
 accept what real TGI / OpenAI clients send. Options we accept only at their neutral value
-(TGI's `watermark`, `best_of`; OpenAI's `suffix`, `logit_bias`, ...) answer 422 otherwise.
-Bounds that depend on the model (max_tokens <= max_model_len) are checked in the routes.
+(TGI's `watermark`, `best_of`; OpenAI's `suffix`, ...) answer 422 otherwise.
+Bounds that depend on the model (max_tokens <= max_model_len, logit_bias ids) are checked in
+the routes; a schema, regex or grammar is compiled at admission (400 if it does not compile).
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from engine.encoder_tasks import MAX_FILL_MASK_TOP_K
-from engine.sampling import MAX_ABS_PENALTY, MAX_REPETITION_PENALTY, MAX_SEED, MAX_TEMPERATURE, MAX_TOP_LOGPROBS
+from engine.guided import MAX_CHOICES
+from engine.sampling import (MAX_ABS_PENALTY, MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_REPETITION_PENALTY, MAX_SEED,
+                             MAX_TEMPERATURE, MAX_TOP_LOGPROBS)
 
 # What the HTTP API allows beyond the engine's own bounds (imported above).
 MAX_STOP = 16                 # stop strings per request
@@ -25,6 +29,8 @@ MAX_PROMPT_CHARS = 1_000_000
 MAX_PROMPT_IDS = 1_000_000
 MAX_TOKENS_BOUND = 2**31 - 1  # the static bound; the model's own is checked per request
 MAX_MESSAGES = 1024
+MAX_TOOLS = 128               # functions offered in one request
+MAX_TOOL_CALLS = 128          # calls in one assistant message
 
 
 
@@ -63,6 +69,7 @@ def token_ids(min_length: int = 0, max_length: int = MAX_PROMPT_IDS):
     return Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]],
                      Field(min_length=min_length, max_length=max_length), BeforeValidator(_integral_items)]
 NonEmptyText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+BiasValue = Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]
 
 
 def _nullable_optionals(schema: dict[str, Any]) -> None:
@@ -155,6 +162,40 @@ class OpenAIErrorResponse(BaseModel):
 
 # --- TGI: /generate, /generate_stream, / ------------------------------------------------
 
+class TGIGrammar(Strict):
+    """TGI's grammar: {"type": "json", "value": schema} (also as JSON text; "json_object" is an
+    alias), {"type": "regex", "value": pattern}, {"type": "json_schema", "value": {"name", "schema"}}."""
+    type: Literal["json", "json_object", "regex", "json_schema"]
+    value: Any = Field(description="the JSON schema (an object, or its JSON text), the regex, or "
+                       "{name, schema} for json_schema")
+
+    @model_validator(mode="after")
+    def _value_shape(self):
+        value = self.value
+        if self.type == "regex":
+            if not isinstance(value, str) or not value:
+                raise ValueError("value: a regex grammar takes a non-empty pattern string")
+        elif self.type == "json_schema":
+            if not isinstance(value, dict) or not isinstance(value.get("schema"), dict) or \
+                    set(value) - {"name", "schema", "description", "strict"}:
+                raise ValueError("value: a json_schema grammar takes {\"name\": ..., \"schema\": {...}}")
+        else:
+            self.value = _json_schema_value(value)
+        return self
+
+
+def _json_schema_value(value: Any) -> dict:
+    # TGI takes the schema as an object or as its JSON text.
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError("value: the JSON schema text is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ValueError("value: a JSON schema is an object")
+    return value
+
+
 class GenerateParameters(Strict):
     max_new_tokens: PositiveInt | None = Field(100, description="default 100, as TGI")
     temperature: Temperature | None = None
@@ -169,7 +210,9 @@ class GenerateParameters(Strict):
     seed: Seed | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = []
     details: bool = False
-    decoder_input_details: bool = False
+    decoder_input_details: bool = Field(
+        False, description="with details on /generate: details.prefill holds each prompt token's id, text and "
+        "logprob (the first's null); a stream has no prefill")
     top_n_tokens: int_in(0, MAX_TOP) | None = None
     return_full_text: bool | None = None
     truncate: PositiveInt | None = Field(None, description="keep only the last N prompt tokens")
@@ -177,7 +220,8 @@ class GenerateParameters(Strict):
     watermark: Literal[False] = Field(False, description="not supported: false")
     best_of: int_in(1, 1) | None = Field(None, description="not supported: null or 1")
     adapter_id: None = Field(None, description="not supported: null")
-    grammar: None = Field(None, description="not supported: null")
+    grammar: TGIGrammar | None = Field(None, description="constrain the text: a JSON schema or a regex "
+                                         "(400 if it does not compile)")
 
     @field_validator("stop")
     @classmethod
@@ -199,7 +243,7 @@ class GenerateParameters(Strict):
     def _best_of(cls, v):
         return _neutral(v, (None, 1), "best_of > 1")
 
-    @field_validator("adapter_id", "grammar", mode="before")
+    @field_validator("adapter_id", mode="before")
     @classmethod
     def _null_only(cls, v, info):
         return _neutral(v, (None,), info.field_name)
@@ -221,7 +265,7 @@ class Token(BaseModel):
 class PrefillToken(BaseModel):
     id: int
     text: str
-    logprob: float | None = Field(description="null: prompt logprobs are not computed")
+    logprob: float | None = Field(description="log-probability given the tokens before it; null for the first")
 
 
 class Details(BaseModel):
@@ -334,6 +378,37 @@ class StreamOptions(Strict):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(Strict):
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="null: any JSON object")
+    strict: bool | None = Field(None, description="accepted; the schema is always enforced")
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema", "json", "regex"] = Field(
+        description="json and regex take TGI's `value` (huggingface_hub's chat_completion sends them)")
+    json_schema: JsonSchemaFormat | None = None
+    value: Any = Field(None, description="TGI's form: the schema (json, json_object) or the pattern (regex)")
+
+    @model_validator(mode="after")
+    def _fields_of_type(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            if not isinstance(self.value, dict) or not isinstance(self.value.get("schema"), dict):
+                raise ValueError("json_schema: required when type is json_schema")
+            self.json_schema = JsonSchemaFormat(name=self.value.get("name") or "schema", schema=self.value["schema"])
+            self.value = None
+        elif self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"json_schema: only with type json_schema, not {self.type}")
+        if self.type == "regex" and (not isinstance(self.value, str) or not self.value):
+            raise ValueError("value: type regex takes the pattern in value")
+        if self.type == "json" or (self.type == "json_object" and self.value is not None):
+            self.value = _json_schema_value(self.value)
+        if self.type == "text" and self.value is not None:
+            raise ValueError("value: only with type json, json_object or regex")
+        return self
+
+
 class SamplingFields(Strict):
     """What completions and chat share."""
     model: str | None = Field(None, description="the served model id (see /v1/models); null: it")
@@ -352,9 +427,24 @@ class SamplingFields(Strict):
     repetition_penalty: RepetitionPenalty | None = None
     ignore_eos: bool = False
     user: str | None = None
-    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = Field(
-        None, description="not supported: null or {}")
+    logit_bias: Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")], BiasValue],
+                          Field(max_length=MAX_LOGIT_BIAS_ENTRIES)] | None = Field(
+        None, description=f"token id (as a string) -> a bias in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] added to its "
+        "logit before sampling (-100 bans the token, +100 all but forces it); ids outside the vocabulary: 422")
+    response_format: ResponseFormat | None = Field(
+        None, description="text; json_object (any JSON object); json_schema {name, schema, strict} (the text "
+        "follows the schema); TGI's {type: json | regex, value} too")
+    guided_json: dict[str, Any] | None = Field(None, description="vLLM's: a JSON schema the text follows")
+    guided_regex: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="vLLM's: a regular expression the whole text matches")
+    guided_choice: Annotated[list[Annotated[str, Field(min_length=1)]],
+                             Field(min_length=1, max_length=MAX_CHOICES)] | None = Field(
+        None, description="vLLM's: the text is exactly one of these strings")
+    guided_grammar: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="a Lark grammar in llguidance's dialect (%json {...} embeds a schema)")
 
+
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 PromptIds = token_ids(min_length=1)
@@ -365,7 +455,8 @@ class CompletionRequest(SamplingFields):
         | Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     max_tokens: PositiveInt | None = Field(16, description="default 16, as OpenAI")
     logprobs: int_in(0, MAX_TOP) | None = None
-    echo: bool = False
+    echo: bool = Field(False, description="the prompt starts the text; with logprobs, the prompt tokens' logprobs "
+                       "and top-k too (the first token's null)")
     best_of: int_in(1, 1) | None = Field(None, description="not supported: null or 1")
     suffix: Literal[""] | None = Field(None, description="not supported: null")
 
@@ -390,14 +481,25 @@ class TextPart(Strict):
     text: str
 
 
+class FunctionCall(Strict):
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    arguments: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] = Field(description="the arguments, as JSON text")
+
+
+class ToolCall(Strict):
+    id: Annotated[str, Field(max_length=256)]
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] \
         | Annotated[list[TextPart], Field(max_length=256)] | None = None
     name: str | None = None
-    tool_call_id: str | None = None
-    tool_calls: Annotated[list[dict], Field(max_length=0)] | None = Field(
-        None, description="not supported yet: null or []")
+    tool_call_id: str | None = Field(None, description="role tool: the call this message answers")
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOL_CALLS)] | None = Field(
+        None, description="role assistant: the calls it made (rendered through the chat template)")
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -405,8 +507,25 @@ class ChatMessage(Strict):
         return self.content or ""
 
 
-class ResponseFormat(Strict):
-    type: Literal["text"]
+class FunctionDefinition(Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    description: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments; null: none")
+    strict: bool | None = Field(None, description="accepted; forced calls always follow the schema")
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -415,11 +534,24 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
     top_logprobs: int_in(0, MAX_TOP) | None = None
-    response_format: ResponseFormat | None = None
-    tools: Annotated[list[dict], Field(max_length=0)] | None = Field(None, description="not supported: null or []")
-    tool_choice: Literal["none"] | None = None
-    parallel_tool_calls: bool | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = Field(
+        None, description="functions the model may call; the chat template receives them")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none; auto (the model answers or calls; default with tools); required (at least "
+        "one call, forced by a grammar); {type: function, function: {name}} (that call, forced)")
+    parallel_tool_calls: bool | None = Field(None, description="default true; false: at most one call")
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="more variables for the chat template (e.g. enable_thinking); not messages, tools, "
+        "add_generation_prompt or chat_template")
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, v):
+        reserved = sorted(set(v or ()) & {"messages", "tools", "add_generation_prompt", "chat_template"})
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} cannot be set here (the request's own fields set them)")
+        return v
 
     @model_validator(mode="after")
     def _top_logprobs(self):
@@ -472,16 +604,28 @@ class ChatLogprobs(BaseModel):
     content: list[ChatLogprob] | None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text")
+
+
+class ToolCallOut(BaseModel):
+    id: str = Field(description="call_...")
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="null when the answer is only tool calls")
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletion(BaseModel):
@@ -494,16 +638,30 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """The first delta of a call has its id, type and name; later ones add argument text."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

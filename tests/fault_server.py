@@ -83,14 +83,14 @@ def install_faults() -> None:
         return FaultySampleRequest(request.params, request.prompt_token_ids, request.output_token_ids,
                                    request.generator, fault)
 
-    def faulty_sample(self, logits, requests):
+    def faulty_sample(self, logits, requests, masks=None):
         nan_rows = [i for i, r in enumerate(requests) if getattr(r, "fault", None) == "nan"]
         if nan_rows:
             logits = logits.clone()
             logits[nan_rows] = float("nan")
         if any(getattr(r, "fault", None) == "raise" for r in requests):
             raise RuntimeError("injected sampler fault")
-        return sample(self, logits, requests)
+        return sample(self, logits, requests, masks)
 
     def faulty_abort(self, request_id):
         request = self.requests.get(request_id)

@@ -103,6 +103,21 @@ def test_forked_siblings_sample_from_the_parents_row_then_decode_alone():
     assert len(tails) == 3
 
 
+def test_siblings_fork_when_the_prompts_last_chunk_is_a_single_token():
+    # 6 prompt tokens in 5-token steps: the last one is scheduled with the decodes, and the
+    # siblings must still fork from it (they were left behind, their request never finished).
+    s = make_scheduler(block_size=4, max_num_batched_tokens=5)
+    parent = make_seq(0, 6)
+    parent.siblings = [make_seq(1, 6)]
+    sibling = parent.siblings[0]
+    sibling.token_ids = list(parent.token_ids)
+    s.add(parent)
+    assert run_step(s).num_new_tokens == [5]
+    second = run_step(s)
+    assert second.num_new_tokens == [1] and [seq for seq, _ in second.samples] == [parent, sibling]
+    assert sibling.status == SequenceStatus.RUNNING and sibling.num_output_tokens == 1 and not parent.siblings
+
+
 def test_finish_frees_blocks_and_aborting_a_waiting_sequence_is_clean():
     s = make_scheduler(num_blocks=8, block_size=4)
     running, waiting = make_seq(0, 5), make_seq(1, 40)

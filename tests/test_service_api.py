@@ -108,8 +108,9 @@ def test_echo_prepends_the_prompt(server, oai):
     lp = out.choices[0].logprobs
     prompt = server.post("/tokenize", json={"inputs": PROMPT}).json()
     assert len(lp.tokens) == len(prompt) + 2
-    assert lp.token_logprobs[:len(prompt)] == [None] * len(prompt)     # prompt logprobs: not computed
-    assert all(x is not None for x in lp.token_logprobs[len(prompt):])
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])   # (tests/test_prompt_logprobs.py: values)
+    assert all(len(top) == 1 for top in lp.top_logprobs[1:])
     assert lp.text_offset[:len(prompt)] == [t["start"] for t in prompt]
     assert lp.text_offset[len(prompt)] == len(PROMPT)
     chunks = list(oai.completions.create(model=model_id(server), prompt=PROMPT, max_tokens=2, temperature=0,

@@ -78,6 +78,19 @@ def test_openai_completions_stream_equals_non_stream(server, offline):
     assert by_index == {c.index: c.text for c in out.choices}
 
 
+def test_the_prompt_has_no_logprobs(server, offline):
+    """decoder_input_details lists the encoder's input with null logprobs (it is read, never
+    predicted); echo with logprobs, which would promise them, is a 422 naming echo."""
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2, "details": True, "decoder_input_details": True}}
+    prefill = server.post("/generate", json=body).json()["details"]["prefill"]
+    assert [t["id"] for t in prefill] == offline.prompt_token_ids and all(t["logprob"] is None for t in prefill)
+    echo = server.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "echo": True, "logprobs": 1})
+    assert echo.status_code == 422 and echo.json()["error"]["param"] == "echo"
+    assert "never predicts it" in echo.json()["error"]["message"]
+    plain_echo = server.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "echo": True}).json()
+    assert plain_echo["choices"][0]["text"].startswith(PROMPT)
+
+
 def test_chat_needs_a_template_and_long_inputs_are_refused(server):
     chat = server.post("/v1/chat/completions", json={"model": "x", "messages": [{"role": "user", "content": "hi"}]})
     assert chat.status_code == 400 and "chat template" in chat.json()["error"]["message"]

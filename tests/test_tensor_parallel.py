@@ -16,7 +16,8 @@ import torch
 from conftest import save_tiny_checkpoint, save_tiny_t5_checkpoint
 
 from engine import EngineConfig, LLMEngine, ModelConfig, SamplingParams
-from engine.errors import TensorParallelError
+from engine.errors import InvalidParameter, TensorParallelError
+from engine.guided import GuidedDecoding
 from engine.layers.parallel import TensorShard, check_tensor_parallel_size
 from engine.layers.quant_blocks import BlockRows
 from engine.parallel_runner import GROW, STEP, StepChannel, StepInputs
@@ -253,6 +254,27 @@ def test_continuous_batching_with_preemption_is_exact_across_three_ranks(tp_chec
         assert engine.scheduler.num_preemptions == single.scheduler.num_preemptions
         assert_same_logits(logits, expected_logits)
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_constrained_decoding_and_logit_bias_over_two_ranks_equal_one_process(tp_checkpoints):
+    """The grammar's masks and logit_bias apply on rank 0, to the logits the ranks gathered: the
+    same seeded tokens as one process. Prompt logprobs are refused (a step's ranks compute only
+    the sampled rows' logits)."""
+    path = tp_checkpoints["llama_gqa"]
+    choices = ["alpha", "beta gamma", "delta"]
+    choice = GuidedDecoding("choice", choices)
+    requests = {f"g{i}": ([5 + i, 6, 7], SamplingParams(max_tokens=24, temperature=0.8, seed=i, guided_decoding=choice))
+                for i in range(4)}
+    requests |= {f"b{i}": ([9, 10 + i], SamplingParams(max_tokens=6, temperature=0.8, seed=i, ignore_eos=True,
+                                                       logit_bias={42: 100.0})) for i in range(2)}
+    single = LLMEngine(str(path), EngineConfig(**engine_options()))
+    expected = run_requests(single, requests, seed=3)
+    assert all(single.tokenizer.decode(expected[f"g{i}"]) in choices for i in range(4))
+    assert expected["b0"] == expected["b1"] == [42] * 6
+    with tp_engine(path, 2) as engine:
+        assert run_requests(engine, requests, seed=3) == expected
+        with pytest.raises(InvalidParameter, match="not computed with tensor parallelism"):
+            engine.add_request("p", [5, 6, 7], SamplingParams(max_tokens=1, prompt_logprobs=0))
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "olmoe"])

@@ -3,6 +3,9 @@
 Streams send `text_completion` / `chat.completion.chunk` objects and end with `data: [DONE]`;
 with stream_options.include_usage the last chunk before it has empty choices and the usage.
 Choices are indexed prompt_index * n + i.
+
+Structured outputs (response_format, guided_*) and forced tool calls are one constraint on the
+text (service/structured.py); tool calls are read from the text (service/tools.py).
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import uuid
 
 from fastapi import APIRouter, Request
 
-from engine.outputs import CompletionOutput, GeneratedToken
+from engine.guided import GuidedDecoding
+from engine.outputs import CompletionOutput, GeneratedToken, RequestOutput
 from engine.sampling import SamplingParams
 from service.embeddings import encode, json_response, truncation
 from service.errors import APIError, openapi_errors
@@ -24,6 +28,8 @@ from service.runtime import VERSION, Server, info_of, server_of
 from service.schemas import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest,
                              EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList, SamplingFields,
                              StreamOptions)
+from service.structured import check_tool_choice, openai_constraint, tools_offered
+from service.tools import ToolCallParser, message_of, render_messages, template_tools
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
 
@@ -33,7 +39,8 @@ _STREAM_DOC = {200: {"description": "JSON; with stream=true, server-sent events 
                      "ending with `data: [DONE]`"}}
 
 
-def _sampling(body: SamplingFields, max_tokens: int, logprobs: int | None):
+def _sampling(body: SamplingFields, max_tokens: int, logprobs: int | None, guided: GuidedDecoding | None,
+              prompt_logprobs: int | None = None):
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return SamplingParams(
         max_tokens=max_tokens,
@@ -43,7 +50,9 @@ def _sampling(body: SamplingFields, max_tokens: int, logprobs: int | None):
         seed=body.seed, stop=stop, stop_token_ids=list(body.stop_token_ids or []),
         ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=body.repetition_penalty or 1.0, logprobs=logprobs)
+        repetition_penalty=body.repetition_penalty or 1.0, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        logit_bias={int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None,
+        guided_decoding=guided)
 
 
 def logprob_token(server: Server, token_id: int) -> str:
@@ -93,8 +102,8 @@ class ChunkStream:
         return _sse(event)
 
     async def updates(self, wants_tokens: bool):
-        """(choice index, completion output) for each completion with new text, a finish, or
-        (wants_tokens) new tokens; nothing after a completion's finish."""
+        """(choice index, completion output, its request's output) for each completion with new
+        text, a finish, or (wants_tokens) new tokens; nothing after a completion's finish."""
         done: set[int] = set()
         async for g, out in merge(self.gens):
             for c in out.outputs:
@@ -107,7 +116,7 @@ class ChunkStream:
                     continue
                 if c.finish_reason:
                     done.add(index)
-                yield index, c
+                yield index, c, out
 
     def closing(self):
         if self.include_usage:
@@ -123,10 +132,7 @@ def completion_logprobs(server: Server, tokens: list[GeneratedToken], offset: in
     for t in tokens:
         out["tokens"].append(logprob_token(server, t.id))
         out["token_logprobs"].append(logprob_or_floor(t.logprob))
-        top: dict[str, float] = {}
-        for i, lp in t.top_logprobs or []:      # most likely first; two ids may print alike
-            top.setdefault(logprob_token(server, i), logprob_or_floor(lp))
-        out["top_logprobs"].append(top or None)
+        out["top_logprobs"].append(_top_dict(server, t.top_logprobs))
         out["text_offset"].append(offset)
         offset += len(t.text)
     return out
@@ -136,11 +142,11 @@ def _prompt_text(server: Server, gen: Generation) -> str:
     return gen.prompt.text if gen.prompt.text is not None else server.tokenizer.decode(gen.prompt.ids)
 
 
-def _echo(server: Server, gen: Generation, with_logprobs: bool) -> tuple[str, dict | None]:
-    """echo=true: the prompt's text, and its tokens for logprobs (their logprobs are null: the
-    engine does not compute prompt logprobs)."""
+def _echo(server: Server, gen: Generation, out: RequestOutput | None) -> tuple[str, dict | None]:
+    """echo=true: the prompt's text; with logprobs (out: a request output carrying the prompt
+    logprobs), its tokens with theirs (the first token's null: nothing predicts it)."""
     text = _prompt_text(server, gen)
-    if not with_logprobs:
+    if out is None:
         return text, None
     ids = gen.prompt.ids
     encoded = server.tokenizer.encode_with_offsets(text) if gen.prompt.text is not None else []
@@ -150,8 +156,20 @@ def _echo(server: Server, gen: Generation, with_logprobs: bool) -> tuple[str, di
         offsets = [0]
         for i in ids[:-1]:
             offsets.append(offsets[-1] + len(server.token_text(i)))
-    return text, {"tokens": [logprob_token(server, i) for i in ids], "token_logprobs": [None] * len(ids),
-                  "top_logprobs": [None] * len(ids), "text_offset": offsets}
+    entries = out.prompt_logprobs
+    if entries is None or len(entries) != len(ids):
+        raise APIError(500, "the prompt logprobs were not computed", error_type="generation")
+    top = [None] + [_top_dict(server, e.top) for e in entries[1:]]
+    return text, {"tokens": [logprob_token(server, i) for i in ids],
+                  "token_logprobs": [None] + [logprob_or_floor(e.logprob) for e in entries[1:]],
+                  "top_logprobs": top, "text_offset": offsets}
+
+
+def _top_dict(server: Server, top: list[tuple[int, float]] | None) -> dict[str, float] | None:
+    out: dict[str, float] = {}
+    for i, lp in top or []:                 # most likely first; two ids may print alike
+        out.setdefault(logprob_token(server, i), logprob_or_floor(lp))
+    return out or None
 
 
 def _joined(first: dict | None, second: dict) -> dict:
@@ -167,9 +185,10 @@ async def completions(body: CompletionRequest, request: Request):
     asked = body.max_tokens if "max_tokens" in body.model_fields_set else None
     max_tokens = max_new_tokens(server, asked, "max_tokens", route_default=16)
     prompts = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
-    params = _sampling(body, max_tokens, body.logprobs)
+    prompt_logprobs = body.logprobs if body.echo else None
+    params = _sampling(body, max_tokens, body.logprobs, openai_constraint(body), prompt_logprobs)
     gens = await admit(server, info_of(request), prompts, params,
-                       asked_max_tokens="max_tokens" if asked is not None else None)
+                       asked_max_tokens="max_tokens" if asked is not None else None, asked_prompt_logprobs="echo")
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model,
             "system_fingerprint": FINGERPRINT}
     if body.stream:
@@ -177,7 +196,8 @@ async def completions(body: CompletionRequest, request: Request):
     results = await collect(request, gens)
     choices, num_generated = [], 0
     for g, (gen, result) in enumerate(zip(gens, results)):
-        prefix, prompt_logprobs = _echo(server, gen, body.logprobs is not None) if body.echo else ("", None)
+        with_logprobs = result.output if body.logprobs is not None else None
+        prefix, prompt_logprobs = _echo(server, gen, with_logprobs) if body.echo else ("", None)
         for c in result.output.outputs:
             num_generated += len(c.token_ids)
             logprobs = None
@@ -192,14 +212,15 @@ async def _completion_events(request: Request, body: CompletionRequest, gens: li
     server = server_of(request)
     stream = ChunkStream("text_completion", head, gens, body.n, body.stream_options)
     offsets: dict[int, int] = {}
-    if body.echo:
+    if body.echo and body.logprobs is None:
         for g, gen in enumerate(gens):
-            text, logprobs = _echo(server, gen, body.logprobs is not None)
-            for i in range(body.n):
-                offsets[g * body.n + i] = len(text)
-                yield stream.chunk({"index": g * body.n + i, "text": text, "logprobs": logprobs,
-                                    "finish_reason": None})
-    async for index, c in stream.updates(wants_tokens=body.logprobs is not None):
+            for chunk in _echo_chunks(server, stream, gen, g, body.n, None, offsets):
+                yield chunk
+    async for index, c, out in stream.updates(wants_tokens=body.logprobs is not None):
+        if body.echo and index not in offsets:      # with logprobs: once the prompt's are computed
+            g = index // body.n
+            for chunk in _echo_chunks(server, stream, gens[g], g, body.n, out, offsets):
+                yield chunk
         logprobs = None
         if body.logprobs is not None:
             logprobs = completion_logprobs(server, c.new_tokens, offsets.get(index, 0))
@@ -208,6 +229,14 @@ async def _completion_events(request: Request, body: CompletionRequest, gens: li
                             "finish_reason": c.finish_reason})
     for event in stream.closing():
         yield event
+
+
+def _echo_chunks(server: Server, stream: ChunkStream, gen: Generation, g: int, n: int,
+                 out: RequestOutput | None, offsets: dict[int, int]):
+    text, logprobs = _echo(server, gen, out)
+    for i in range(n):
+        offsets[g * n + i] = len(text)
+        yield stream.chunk({"index": g * n + i, "text": text, "logprobs": logprobs, "finish_reason": None})
 
 
 # -- chat --------------------------------------------------------------------------------------
@@ -223,17 +252,16 @@ def chat_logprobs(server: Server, tokens: list[GeneratedToken]) -> dict:
 
 
 async def _render_chat(server: Server, body: ChatCompletionRequest) -> str:
-    messages = []
-    for m in body.messages:
-        message = {"role": m.role, "content": m.text()}
-        if m.name:
-            message["name"] = m.name
-        if m.tool_call_id:
-            message["tool_call_id"] = m.tool_call_id
-        messages.append(message)
+    return await asyncio.to_thread(_render, server, body)
+
+
+def _render(server: Server, body: ChatCompletionRequest) -> str:
+    tools = body.tools if tools_offered(body) else None
+    kwargs = {**(body.chat_template_kwargs or {}), "tools": template_tools(tools)}
     try:
-        return await asyncio.to_thread(server.tokenizer.apply_chat_template, messages,
-                                       add_generation_prompt=body.add_generation_prompt)
+        messages = render_messages(body.messages, tools, server.tokenizer.chat_template_source(kwargs["tools"]))
+        return server.tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt,
+                                                    **kwargs)
     except ValueError as exc:                # no template, or the template refused the conversation
         raise APIError(400, str(exc), param="messages", code="invalid_messages") from None
 
@@ -250,7 +278,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = max_new_tokens(server, getattr(body, field), field, route_default=None)
     top = (body.top_logprobs or 0) if body.logprobs else None
-    params = _sampling(body, max_tokens, top)
+    check_tool_choice(body)
+    params = _sampling(body, max_tokens, top, openai_constraint(body))
     prompt = await _render_chat(server, body)
     asked = field if getattr(body, field) is not None else None
     (gen,) = await admit(server, info_of(request), [prompt], params, add_special_tokens=False,
@@ -260,25 +289,61 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.stream:
         return event_stream(request, _chat_events(request, body, gen, head), [gen])
     (result,) = await collect(request, [gen])
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(server, result.tokens[c.index]) if body.logprobs else None,
-                "finish_reason": c.finish_reason} for c in result.output.outputs]
+    choices = []
+    for c in result.output.outputs:
+        content, calls = message_of(c.text, tools_offered(body))
+        choices.append({"index": c.index, "message": {"role": "assistant", "content": content, "tool_calls": calls},
+                        "logprobs": chat_logprobs(server, result.tokens[c.index]) if body.logprobs else None,
+                        "finish_reason": _finish_reason(c, calls)})
     num_generated = sum(len(c.token_ids) for c in result.output.outputs)
     return {"object": "chat.completion", **head, "choices": choices, "usage": _usage([gen], num_generated)}
+
+
+def _finish_reason(c: CompletionOutput, calls: list | None) -> str:
+    return "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
 
 
 async def _chat_events(request: Request, body: ChatCompletionRequest, gen: Generation, head: dict):
     server = server_of(request)
     stream = ChunkStream("chat.completion.chunk", head, [gen], body.n, body.stream_options)
+    parsers = [ToolCallParser() for _ in range(body.n)] if tools_offered(body) else None
     for i in range(body.n):
         yield stream.chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                             "finish_reason": None})
-    async for index, c in stream.updates(wants_tokens=body.logprobs):
-        delta = {"content": c.delta_text} if c.delta_text or not c.finish_reason else {}
-        yield stream.chunk({"index": index, "delta": delta, "finish_reason": c.finish_reason,
-                            "logprobs": chat_logprobs(server, c.new_tokens) if body.logprobs else None})
+    async for index, c, _ in stream.updates(wants_tokens=body.logprobs):
+        logprobs = chat_logprobs(server, c.new_tokens) if body.logprobs else None
+        if parsers is None:
+            delta = {"content": c.delta_text} if c.delta_text or not c.finish_reason else {}
+            yield stream.chunk({"index": index, "delta": delta, "finish_reason": c.finish_reason,
+                                "logprobs": logprobs})
+            continue
+        for chunk in _tool_chunks(stream, parsers[index], index, c, logprobs):
+            yield chunk
     for event in stream.closing():
         yield event
+
+
+def _tool_chunks(stream: ChunkStream, parser: ToolCallParser, index: int, c: CompletionOutput, logprobs):
+    """Chunks of one update read for tool calls: content deltas, a call's first delta (id, type,
+    name), its argument fragments; the finish on the last (with the update's logprobs)."""
+    events = parser.feed(c.delta_text) + (parser.finish() if c.finish_reason else [])
+    deltas = []
+    for event in events:
+        if event.kind == "content":
+            deltas.append({"content": event.text})
+        elif event.kind == "call":
+            deltas.append({"tool_calls": [{"index": event.index, "id": event.id, "type": "function",
+                                           "function": {"name": event.text, "arguments": ""}}]})
+        else:
+            deltas.append({"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]})
+    if not deltas and not (c.finish_reason or logprobs):
+        return
+    finish = _finish_reason(c, parser.calls) if c.finish_reason else None
+    deltas = deltas or [{}]
+    for k, delta in enumerate(deltas):
+        last = k == len(deltas) - 1
+        yield stream.chunk({"index": index, "delta": delta, "finish_reason": finish if last else None,
+                            "logprobs": logprobs if last else None})
 
 
 # -- embeddings --------------------------------------------------------------------------------

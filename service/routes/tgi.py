@@ -4,7 +4,9 @@
 TGI semantics: max_new_tokens defaults to 100; sampling happens when do_sample is true or a
 sampling option (temperature != 1, top_k, top_p < 1, min_p) is set, and temperature 0 is
 always greedy; a sampled request without a seed gets one, reported in details.seed;
-generated_text keeps the stop sequence that ended it, as TGI does.
+generated_text keeps the stop sequence that ended it, as TGI does. parameters.grammar constrains
+the text (a JSON schema or a regex; service/structured.py); decoder_input_details fills
+details.prefill with each prompt token's logprob (the first's null).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from engine.sampling import SamplingParams
 from service.errors import APIError, openapi_errors
 from service.generation import Generation, admit, collect, event_stream, max_new_tokens
 from service.runtime import Server, TokenizeSlot, info_of, server_of
+from service.structured import tgi_constraint
 from service.schemas import (DetokenizeRequest, DetokenizeResponse, GenerateParameters, GenerateRequest,
                              GenerateResponse, SimpleToken, TokenizeRequest)
 
@@ -34,8 +37,9 @@ _STREAM_DOC = {200: {"description": "Server-sent events (text/event-stream), one
 
 # -- parameters ------------------------------------------------------------------------------
 
-def tgi_sampling(server: Server, p: GenerateParameters) -> tuple[SamplingParams, int | None]:
-    """GenerateParameters -> (SamplingParams, the seed to report)."""
+def tgi_sampling(server: Server, p: GenerateParameters, stream: bool = False) -> tuple[SamplingParams, int | None]:
+    """GenerateParameters -> (SamplingParams, the seed to report). Prompt logprobs are computed
+    for details.prefill, which only /generate answers, and only by a decoder-only model."""
     asked = p.max_new_tokens if "max_new_tokens" in p.model_fields_set else None
     max_tokens = max_new_tokens(server, asked, "parameters.max_new_tokens", route_default=100)
     uses_warpers = (p.temperature not in (None, 1.0) or p.top_k not in (None, 0, -1)
@@ -50,7 +54,9 @@ def tgi_sampling(server: Server, p: GenerateParameters) -> tuple[SamplingParams,
         top_k=p.top_k if p.top_k not in (None, 0) else -1, top_p=p.top_p or 1.0, min_p=p.min_p or 0.0,
         repetition_penalty=p.repetition_penalty or 1.0, frequency_penalty=p.frequency_penalty or 0.0,
         presence_penalty=p.presence_penalty or 0.0, seed=seed if sample else None, stop=list(p.stop),
-        ignore_eos=p.ignore_eos, logprobs=p.top_n_tokens or None)
+        ignore_eos=p.ignore_eos, logprobs=p.top_n_tokens or None, guided_decoding=tgi_constraint(p.grammar),
+        prompt_logprobs=0 if p.details and p.decoder_input_details and not stream
+        and not server.generator.limits.is_encoder_decoder else None)
     return params, (seed if sample else None)
 
 
@@ -79,10 +85,10 @@ def top_tokens_json(server: Server, t: GeneratedToken) -> list[dict]:
              "special": server.tokenizer.is_special(i)} for i, lp in (t.top_logprobs or [])]
 
 
-async def _start(request: Request, body: GenerateRequest) -> tuple[Generation, int | None]:
+async def _start(request: Request, body: GenerateRequest, stream: bool) -> tuple[Generation, int | None]:
     server = server_of(request)
     server.require_generator()
-    params, seed = tgi_sampling(server, body.parameters)
+    params, seed = tgi_sampling(server, body.parameters, stream)
     asked = "parameters.max_new_tokens" if "max_new_tokens" in body.parameters.model_fields_set else None
     gens = await admit(server, info_of(request), [body.inputs], params, truncate=body.parameters.truncate,
                        asked_max_tokens=asked)
@@ -94,14 +100,14 @@ async def _start(request: Request, body: GenerateRequest) -> tuple[Generation, i
 @router.post("/generate", response_model=GenerateResponse, responses=_GEN_ERRORS,
              summary="Generate text (TGI)")
 async def generate(body: GenerateRequest, request: Request):
-    gen, seed = await _start(request, body)
+    gen, seed = await _start(request, body, stream=False)
     return await _complete(request, gen, seed, body.parameters)
 
 
 @router.post("/generate_stream", response_model=None, responses={**_STREAM_DOC, **_GEN_ERRORS},
              summary="Generate text as server-sent events (TGI)")
 async def generate_stream(body: GenerateRequest, request: Request):
-    gen, seed = await _start(request, body)
+    gen, seed = await _start(request, body, stream=True)
     return event_stream(request, _events(request, gen, seed, body.parameters), [gen])
 
 
@@ -123,12 +129,20 @@ async def _complete(request: Request, gen: Generation, seed: int | None, p: Gene
         tokens = result.tokens[0]
         answer["details"] = {
             "finish_reason": finish_reason(c), "generated_tokens": len(c.token_ids), "seed": seed,
-            "prefill": [{"id": i, "text": server.token_text(i), "logprob": None}
-                        for i in gen.prompt.ids] if p.decoder_input_details else [],
+            "prefill": _prefill(server, gen, result.output.prompt_logprobs) if p.decoder_input_details else [],
             "tokens": [token_json(t) for t in tokens],
             "top_tokens": [top_tokens_json(server, t) for t in tokens] if p.top_n_tokens else None,
             "best_of_sequences": None}
     return answer
+
+
+def _prefill(server: Server, gen: Generation, entries) -> list[dict]:
+    if server.generator.limits.is_encoder_decoder:      # the encoder reads the prompt, never predicts it
+        entries = [None] * len(gen.prompt.ids)
+    elif entries is None or len(entries) != len(gen.prompt.ids):
+        raise APIError(500, "the prompt logprobs were not computed", error_type="generation")
+    return [{"id": i, "text": server.token_text(i), "logprob": None if e is None else finite_or_none(e.logprob)}
+            for i, e in zip(gen.prompt.ids, entries)]
 
 
 async def _events(request: Request, gen: Generation, seed: int | None, p: GenerateParameters):
