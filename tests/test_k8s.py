@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import kubernetes_validate
@@ -344,21 +345,33 @@ class ReadOnlyRootServer(ServerProcess):
         super().__init__(args, env)
         self.writable = writable
 
-    def mount_script(self) -> str:
-        """sh: an empty tmpfs at each writable path, then the root read-only, then exec "$@"."""
-        lines = ["set -e"]
+    def mount_script(self, holds: dict[Path, Path]) -> str:
+        """sh: an empty tmpfs at each writable path, then the root read-only, then exec "$@".
+        A tmpfs would hide this checkout or its interpreter where they live under one (a clone
+        in /tmp): each such folder is bind-mounted to its hold first and back after."""
+        lines = ["set -e", *(f"mount --bind {kept} {hold}" for kept, hold in holds.items())]
         tops = [Path("/", Path(path).parts[1]) for path in self.writable]
         assert len(set(tops)) == len(tops), "two writable paths under one top folder"
         for path, top in zip(map(Path, self.writable), tops):
+            kept_here = [f"mkdir -p {kept} && mount --bind {hold} {kept}" for kept, hold in holds.items()
+                         if kept.is_relative_to(top)]
             if path == top:
-                lines.append(f"mount -t tmpfs tmpfs {path}")
+                lines += [f"mount -t tmpfs tmpfs {path}", *kept_here]
             else:       # a tmpfs over its top folder holds the path's parents, then turns read-only
                 lines += [f"mount -t tmpfs tmpfs {top}", f"mkdir -p {path}", f"mount -t tmpfs tmpfs {path}",
-                          f"mount -o remount,ro {top}"]
+                          *kept_here, f"mount -o remount,ro {top}"]
         return "\n".join([*lines, "mount -o remount,bind,ro /", 'exec "$@"'])
 
+    def hidden_folders(self) -> list[Path]:
+        """This checkout and the interpreter's prefix, where a writable mount would cover them."""
+        needed = {REPO.resolve(), Path(sys.prefix).resolve()}
+        tops = {Path("/", Path(path).parts[1]) for path in self.writable}
+        return sorted(p for p in needed if any(p.is_relative_to(top) for top in tops))
+
     def start(self, timeout: float = 90.0, wait: bool = True) -> "ReadOnlyRootServer":
-        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", self.mount_script(),
+        # Holds live in /dev/shm (its own tmpfs, outside every writable path); empty after the test.
+        self.holds = {kept: Path(tempfile.mkdtemp(dir="/dev/shm")) for kept in self.hidden_folders()}
+        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", self.mount_script(self.holds),
                    "sh", sys.executable, "-m", "service", *self.args]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
@@ -397,6 +410,8 @@ def test_the_server_serves_and_drains_on_the_pods_read_only_root():
         assert server.post("/embed", json={"inputs": "a sentence"}).status_code == 200
     finally:
         code = server.stop()
+        for hold in server.holds.values():
+            hold.rmdir()
     logs = server.logs()
     assert code == 0, logs[-4000:]
     assert "Read-only file system" not in logs, logs[-4000:]
