@@ -1,7 +1,7 @@
 """Where a decode step's time goes: ms per step at a fixed batch, by phase, and the top operators.
 
     python -m benchmarks.decode_step --batch 1 [--dtype float32] [--quantization auto|none|int8|int4]
-                                     [--prompt-len 256] [--threads N]
+                                     [--prompt-len 256] [--threads N] [--python-layers]
 
 B requests of the same prompt (--prompt-len tokens of the bundled text; default a short sentence)
 decode together (greedy, EOS ignored); after a warm-up, --steps engine steps are timed with
@@ -35,9 +35,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    parser.add_argument("--python-layers", action="store_true",
+                        help="run the decoder layers as Python modules, not the C++ stack (A/B)")
     args = parser.parse_args(argv)
     engine = LLM(args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_memory="512MiB",
                  max_num_seqs=max(args.batch, 1), num_threads=args.threads).engine
+    decoder = getattr(engine.runner.model, "model", None)
+    if args.python_layers and getattr(decoder, "fused_layers", None) is not None:
+        decoder.fused_layers = None
     prompt = (engine.tokenizer.encode(PROMPT) if args.prompt_len is None
               else prompts_of_lengths(engine.tokenizer, [args.prompt_len])[0])
     for i in range(args.batch):

@@ -16,6 +16,7 @@ from engine.kv_cache import ceil_div
 from engine.layers.attention import (Attention, AttentionBackend, AttnMetadata, TorchAttention,
                                     build_attn_metadata)
 from engine.layers.cpu_attention import CpuPagedAttention
+from engine.layers.decoder_stack import use_fused_stack
 from engine.layers.fused import use_fused_ops
 from engine.models import CausalLM
 from engine.scheduler import ScheduledBatch
@@ -64,6 +65,9 @@ class ModelRunner:
         if self.cpu_kernels is not None:
             logger.info("fused CPU ops: %d modules", use_fused_ops(model, self.cpu_kernels))
         self.kv_cache = self._allocate_kv_cache()
+        if self.cpu_kernels is not None:
+            layers = use_fused_stack(model, self.cpu_kernels)
+            logger.info("decoder layers run %s", f"by one C++ call ({layers} layers)" if layers else "in Python")
         self.graphs = None                  # DecodeGraphs once captured (CUDA only)
 
     def _cpu_kernels(self):

@@ -20,6 +20,7 @@
 #include <cmath>
 
 #include "attention_vec.h"
+#include "kernels.h"
 #include "registry.h"
 
 namespace attnserve {
@@ -47,6 +48,68 @@ void rms_norm_rows(const T* x, int64_t x_stride, const T* weight, T* out, int64_
   }
 }
 
+// One (token, head) of q or k: first half pairs with the second, as apply_rotary does.
+template <typename T>
+void rotate_head(T* head, const T* cos, const T* sin, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = static_cast<float>(head[i]), x2 = static_cast<float>(head[i + half]);
+    const float c = static_cast<float>(cos[i]), s = static_cast<float>(sin[i]);
+    // T(T(x1 c) - T(x2 s)), as the reference's separate tensor ops round.
+    const T x1c = static_cast<T>(x1 * c), x2s = static_cast<T>(x2 * s);
+    const T x2c = static_cast<T>(x2 * c), x1s = static_cast<T>(x1 * s);
+    head[i] = static_cast<T>(static_cast<float>(x1c) - static_cast<float>(x2s));
+    head[i + half] = static_cast<T>(static_cast<float>(x2c) + static_cast<float>(x1s));
+  }
+}
+
+// One row: its max, the first index holding it, and log(sum(exp(x - max))) + max. A NaN or
+// +infinity anywhere makes the result NaN, as logsumexp's is then not finite (-infinity, a
+// masked token, is fine). NaN-ness is carried by max(-FLT_MAX, x) * 0: the vector max returns
+// its second operand when one is NaN, and -infinity becomes -FLT_MAX.
+void argmax_logsumexp_row(const float* x, int64_t n, int64_t* best, float* lse) {
+  using vec::Wide;
+  constexpr int64_t lanes = Wide::kLanes;
+  const int64_t whole = Wide::kLanes > 1 ? n - n % lanes : 0;
+  const Wide lowest = Wide::broadcast(-FLT_MAX);
+  Wide wide_max = Wide::broadcast(-INFINITY), poison = Wide::zero();
+  for (int64_t i = 0; i < whole; i += lanes) {
+    const Wide v = Wide::load(x + i);
+    wide_max = max(wide_max, v);
+    poison = fma(max(lowest, v), Wide::zero(), poison);
+  }
+  float m = wide_max.reduce_max(), bad = poison.reduce_add();
+  for (int64_t i = whole; i < n; ++i) {
+    m = std::max(m, x[i]);
+    if (std::isnan(x[i]) || x[i] == INFINITY) bad = NAN;
+  }
+  int64_t index = 0;
+  while (index < n && !(x[index] == m)) ++index;   // the first maximum, as torch.argmax
+  *best = index < n ? index : 0;
+  Wide wide_sum = Wide::zero();
+  const Wide shift = Wide::broadcast(m);
+  for (int64_t i = 0; i < whole; i += lanes) wide_sum = wide_sum + exp(Wide::load(x + i) - shift);
+  float sum = wide_sum.reduce_add();
+  for (int64_t i = whole; i < n; ++i) sum += std::exp(x[i] - m);
+  *lse = (bad == 0.f && std::isfinite(m)) ? m + std::log(sum) : NAN;
+}
+
+std::tuple<at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == at::kFloat,
+              "argmax_logsumexp: logits must be (rows, vocab) float32, contiguous");
+  const int64_t rows = logits.size(0), n = logits.size(1);
+  auto ids = at::empty({rows}, logits.options().dtype(at::kLong));
+  auto lse = at::empty({rows}, logits.options());
+  const float* x = logits.data_ptr<float>();
+  int64_t* id_out = ids.data_ptr<int64_t>();
+  float* lse_out = lse.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) argmax_logsumexp_row(x + row * n, n, id_out + row, lse_out + row);
+  });
+  return {ids, lse};
+}
+
+}  // namespace
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "rms_norm: x must be (rows, dim) with unit column stride");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous(),
@@ -63,20 +126,6 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     });
   });
   return out;
-}
-
-// One (token, head) of q or k: first half pairs with the second, as apply_rotary does.
-template <typename T>
-void rotate_head(T* head, const T* cos, const T* sin, int64_t half) {
-  for (int64_t i = 0; i < half; ++i) {
-    const float x1 = static_cast<float>(head[i]), x2 = static_cast<float>(head[i + half]);
-    const float c = static_cast<float>(cos[i]), s = static_cast<float>(sin[i]);
-    // T(T(x1 c) - T(x2 s)), as the reference's separate tensor ops round.
-    const T x1c = static_cast<T>(x1 * c), x2s = static_cast<T>(x2 * s);
-    const T x2c = static_cast<T>(x2 * c), x1s = static_cast<T>(x1 * s);
-    head[i] = static_cast<T>(static_cast<float>(x1c) - static_cast<float>(x2s));
-    head[i + half] = static_cast<T>(static_cast<float>(x2c) + static_cast<float>(x1s));
-  }
 }
 
 void rotary_(at::Tensor q, at::Tensor k, const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim) {
@@ -130,52 +179,6 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
-// One row: its max, the first index holding it, and log(sum(exp(x - max))) + max. A NaN or
-// +infinity anywhere makes the result NaN, as logsumexp's is then not finite (-infinity, a
-// masked token, is fine). NaN-ness is carried by max(-FLT_MAX, x) * 0: the vector max returns
-// its second operand when one is NaN, and -infinity becomes -FLT_MAX.
-void argmax_logsumexp_row(const float* x, int64_t n, int64_t* best, float* lse) {
-  using vec::Wide;
-  constexpr int64_t lanes = Wide::kLanes;
-  const int64_t whole = Wide::kLanes > 1 ? n - n % lanes : 0;
-  const Wide lowest = Wide::broadcast(-FLT_MAX);
-  Wide wide_max = Wide::broadcast(-INFINITY), poison = Wide::zero();
-  for (int64_t i = 0; i < whole; i += lanes) {
-    const Wide v = Wide::load(x + i);
-    wide_max = max(wide_max, v);
-    poison = fma(max(lowest, v), Wide::zero(), poison);
-  }
-  float m = wide_max.reduce_max(), bad = poison.reduce_add();
-  for (int64_t i = whole; i < n; ++i) {
-    m = std::max(m, x[i]);
-    if (std::isnan(x[i]) || x[i] == INFINITY) bad = NAN;
-  }
-  int64_t index = 0;
-  while (index < n && !(x[index] == m)) ++index;   // the first maximum, as torch.argmax
-  *best = index < n ? index : 0;
-  Wide wide_sum = Wide::zero();
-  const Wide shift = Wide::broadcast(m);
-  for (int64_t i = 0; i < whole; i += lanes) wide_sum = wide_sum + exp(Wide::load(x + i) - shift);
-  float sum = wide_sum.reduce_add();
-  for (int64_t i = whole; i < n; ++i) sum += std::exp(x[i] - m);
-  *lse = (bad == 0.f && std::isfinite(m)) ? m + std::log(sum) : NAN;
-}
-
-std::tuple<at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& logits) {
-  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == at::kFloat,
-              "argmax_logsumexp: logits must be (rows, vocab) float32, contiguous");
-  const int64_t rows = logits.size(0), n = logits.size(1);
-  auto ids = at::empty({rows}, logits.options().dtype(at::kLong));
-  auto lse = at::empty({rows}, logits.options());
-  const float* x = logits.data_ptr<float>();
-  int64_t* id_out = ids.data_ptr<int64_t>();
-  float* lse_out = lse.data_ptr<float>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) argmax_logsumexp_row(x + row * n, n, id_out + row, lse_out + row);
-  });
-  return {ids, lse};
-}
-
 static Register reg([](pybind11::module_& m) {
   m.def("rms_norm", &rms_norm, "x / rms(x) * weight per row, the norm in fp32", pybind11::arg("x"),
         pybind11::arg("weight"), pybind11::arg("eps"));
@@ -186,5 +189,4 @@ static Register reg([](pybind11::module_& m) {
         pybind11::arg("logits"));
 });
 
-}  // namespace
 }  // namespace attnserve

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "attention_tiles.h"
+#include "kernels.h"
 #include "registry.h"
 
 namespace attnserve {
@@ -342,6 +343,29 @@ Problem<T> problem(const at::Tensor& q, at::Tensor& out, const at::Tensor& cu_se
   return p;
 }
 
+// k, v: (num_tokens, num_kv_heads, head_dim), any token/head strides -> their cache slots;
+// a negative slot is a padding token and writes nothing.
+template <typename T>
+void write_tokens(const at::Tensor& k, const at::Tensor& v, T* k_cache, T* v_cache,
+                  const int64_t* slots, int64_t block_size, int64_t begin, int64_t end) {
+  const int64_t num_kv_heads = k.size(1), head_dim = k.size(2);
+  const T* k_data = k.data_ptr<T>();
+  const T* v_data = v.data_ptr<T>();
+  for (int64_t t = begin; t < end; ++t) {
+    if (slots[t] < 0) continue;
+    const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
+    for (int64_t g = 0; g < num_kv_heads; ++g) {
+      const int64_t tile = (block * num_kv_heads + g) * block_size * head_dim;
+      const T* k_row = k_data + t * k.stride(0) + g * k.stride(1);
+      const T* v_row = v_data + t * v.stride(0) + g * v.stride(1);
+      for (int64_t d = 0; d < head_dim; ++d) k_cache[tile + d * block_size + offset] = k_row[d];
+      std::copy_n(v_row, head_dim, v_cache + tile + offset * head_dim);
+    }
+  }
+}
+
+}  // namespace
+
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
                            const at::Tensor& block_tables, double scale, int64_t sliding_window,
@@ -401,27 +425,6 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-// k, v: (num_tokens, num_kv_heads, head_dim), any token/head strides -> their cache slots;
-// a negative slot is a padding token and writes nothing.
-template <typename T>
-void write_tokens(const at::Tensor& k, const at::Tensor& v, T* k_cache, T* v_cache,
-                  const int64_t* slots, int64_t block_size, int64_t begin, int64_t end) {
-  const int64_t num_kv_heads = k.size(1), head_dim = k.size(2);
-  const T* k_data = k.data_ptr<T>();
-  const T* v_data = v.data_ptr<T>();
-  for (int64_t t = begin; t < end; ++t) {
-    if (slots[t] < 0) continue;
-    const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
-    for (int64_t g = 0; g < num_kv_heads; ++g) {
-      const int64_t tile = (block * num_kv_heads + g) * block_size * head_dim;
-      const T* k_row = k_data + t * k.stride(0) + g * k.stride(1);
-      const T* v_row = v_data + t * v.stride(0) + g * v.stride(1);
-      for (int64_t d = 0; d < head_dim; ++d) k_cache[tile + d * block_size + offset] = k_row[d];
-      std::copy_n(v_row, head_dim, v_cache + tile + offset * head_dim);
-    }
-  }
-}
-
 void paged_write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                     const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
   const int64_t head_dim = k.size(2);
@@ -459,5 +462,4 @@ static Register reg([](pybind11::module_& m) {
         "(k, v, k_cache, v_cache, slot_mapping)");
 });
 
-}  // namespace
 }  // namespace attnserve

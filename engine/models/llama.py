@@ -68,12 +68,17 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        # The same layers run by one C++ call, where the runner installs it (engine/layers/decoder_stack.py).
+        self.fused_layers = None
 
     def forward(self, input_ids, positions, meta):
         hidden = self.embed_tokens(input_ids)                          # (num_tokens, hidden)
         cos, sin = self.rotary(positions, hidden.dtype)
-        for layer in self.layers:
-            hidden = layer(hidden, cos, sin, meta)
+        if self.fused_layers is not None and self.fused_layers.accepts(meta):
+            hidden = self.fused_layers(hidden, cos, sin, meta)
+        else:
+            for layer in self.layers:
+                hidden = layer(hidden, cos, sin, meta)
         return self.norm(hidden)
 
 
