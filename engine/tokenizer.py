@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
@@ -147,13 +146,6 @@ class Tokenizer:
         processor = self._backend.post_processor
         return 0 if processor is None else processor.num_special_tokens_to_add(pair)
 
-    def encode_with_spans(self, text: str, add_special_tokens: bool = True) -> "EncodedText":
-        """Ids, and each token's character span read one at a time: a million-token text never
-        holds Python's lock for long (encode_batch releases it; building every offset at once
-        would hold it for a fifth of a second)."""
-        encoding = self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
-        return EncodedText(encoding.ids, encoding)
-
     def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, int, int]]:
         """(id, start, stop), character offsets into `text`; added special tokens get (id, 0, 0)."""
         encoding = self._backend.encode(text, add_special_tokens=add_special_tokens)
@@ -162,10 +154,9 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def decode_off_lock(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """decode() for a long list, without holding Python's lock while it runs (decode_batch
-        releases it): a million ids took the whole server's lock for most of a second."""
-        return self._backend.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
+    def to_json(self) -> str:
+        """The whole tokenizer as tokenizers' JSON (what service/tokenize_worker.py loads)."""
+        return self._backend.to_str()
 
     def _token_bytes(self, token_id: int) -> bytes:
         """The bytes this token stands for, exactly: a token holding part of a character has
@@ -231,16 +222,6 @@ def pair_lengths(n1: int, n2: int, room: int, strategy: str) -> tuple[int, int]:
     short, long = sorted((n1, n2))
     short, long = (room // 2, room // 2 + room % 2) if short > room // 2 else (short, room - short)
     return (short, long) if n1 <= n2 else (long, short)
-
-
-@dataclass(frozen=True, slots=True)
-class EncodedText:
-    ids: list[int]
-    encoding: tokenizers.Encoding
-
-    def span(self, index: int) -> tuple[int, int]:
-        """Character offsets of token `index` in the text; added special tokens get (0, 0)."""
-        return self.encoding.token_to_chars(index) or (0, 0)
 
 
 class IncrementalDetokenizer:

@@ -11,16 +11,18 @@ import asyncio
 import logging
 import threading
 import time
+from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
-from typing import Any, Callable, TypeVar
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import Request
 
 from service.errors import APIError
 from service.metrics import Metrics
 from service.settings import Settings
+from service.tokenize_pool import TokenizePool
 
 logger = logging.getLogger("service")
 T = TypeVar("T")
@@ -68,12 +70,12 @@ class Server:
         self.model_id = settings.model or next(name for _, name, _ in settings.encoders())
         self.num_admitting = 0           # sequences past the queue check, not yet in the engine
         self.num_in_flight = 0           # requests on the model routes not yet answered (middleware)
-        # Tokenizing has threads of its own: admission's (generation, embeddings) and the
-        # /tokenize and /detokenize routes' (bounded: a flood of those cannot delay admission,
-        # and never runs on the event loop).
+        # Admission's tokenizing (generation, embeddings) has threads of its own; the /tokenize
+        # and /detokenize routes have processes of their own (service/tokenize_pool.py), started
+        # with the generation model: a flood of those holds neither this process's lock nor
+        # admission's threads.
         self._admission_pool = ThreadPoolExecutor(4, thread_name_prefix="tokenize-admission")
-        self._tokenize_pool = ThreadPoolExecutor(settings.max_tokenize_concurrency,
-                                                 thread_name_prefix="tokenize-route")
+        self.tokenize_pool: TokenizePool | None = None
         self.num_tokenizing = 0          # /tokenize and /detokenize calls running (event loop only)
         self.started_at = int(time.time())
         self._drained: asyncio.Task | None = None
@@ -85,6 +87,9 @@ class Server:
         """Load and warm every model, then start the engine loops; never raises."""
         try:
             await _in_daemon_thread(self._load)
+            if self.generator is not None:
+                self.tokenize_pool = await TokenizePool.start(self.generator.tokenizer.to_json(),
+                                                              self.settings.max_tokenize_concurrency)
         except Exception as exc:         # a bad checkpoint, no memory, ...
             logger.exception("loading failed")
             self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -206,8 +211,9 @@ class Server:
             self.generator.abort_all()
             await asyncio.sleep(0.05)    # let the loop deliver the aborts
             self.generator.stop(timeout=1.0)
-        for pool in (self._admission_pool, self._tokenize_pool):
-            pool.shutdown(wait=False, cancel_futures=True)
+        self._admission_pool.shutdown(wait=False, cancel_futures=True)
+        if self.tokenize_pool is not None:
+            await self.tokenize_pool.stop()
         self.status = "stopped"
 
     # -- tokenizer work -------------------------------------------------------------------------
@@ -299,13 +305,22 @@ def info_of(request: Request) -> RequestInfo:
 
 
 class TokenizeSlot:
-    """Work of one /tokenize or /detokenize call, on those routes' own threads."""
+    """One /tokenize or /detokenize call, answered by a worker of the tokenize pool."""
 
     def __init__(self, server: Server):
         self.server, self.released = server, False
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.server._tokenize_pool, partial(fn, *args))
+    async def tokenize(self, text: str, add_special_tokens: bool) -> AsyncIterator[bytes]:
+        """The /tokenize answer's items as JSON, comma-joined, a piece at a time."""
+        async with self.server.tokenize_pool.worker() as worker:
+            async for piece in worker.call(b"T", {"add_special_tokens": add_special_tokens}, text.encode()):
+                yield piece
+
+    async def detokenize(self, ids: list[int], skip_special_tokens: bool) -> str:
+        async with self.server.tokenize_pool.worker() as worker:
+            pieces = [piece async for piece in worker.call(b"I", {"skip_special_tokens": skip_special_tokens},
+                                                           array("q", ids).tobytes())]
+        return b"".join(pieces).decode()
 
     def release(self) -> None:
         if not self.released:

@@ -110,7 +110,7 @@ class Strict(BaseModel):
         while pending:                       # (iterative: JSON nests up to ~1000 levels)
             item = pending.pop()
             if isinstance(item, str):
-                if _SURROGATE.search(item):
+                if not item.isascii() and _SURROGATE.search(item):     # (1 MB: 5 ms on the event loop)
                     raise ValueError("the text is not valid Unicode (it holds a lone surrogate)")
             elif isinstance(item, list):
                 if set(map(type, item)) != {int}:      # (a million token ids: passed over in C)

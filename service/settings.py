@@ -51,8 +51,8 @@ _HELP = {
     "batch_wait_ms": "encoder: longest an input waits for others to fill its batch",
     "max_encoder_queue": "inputs waiting for the encoders beyond which new requests get 429 (one "
                          "request may hold up to this many, at most 2048)",
-    "max_tokenize_concurrency": "/tokenize and /detokenize calls served at once (429 beyond); they "
-                                "run on threads of their own",
+    "max_tokenize_concurrency": "/tokenize and /detokenize calls served at once (429 beyond), by "
+                                "as many worker processes of their own",
     "strict_model_names": "answer 404 to a model name that is not served (off: a name no model "
                           "has falls back to the one model of its task, as TGI and llama.cpp do)",
     "auto_truncate": "encoders: cut inputs longer than the model allows instead of answering 400 "

@@ -10,7 +10,7 @@ import time
 import httpx
 import openai
 import pytest
-from service_helpers import NO_ENCODER, TINY_ARGS, ServerProcess, main_server, sse_events
+from service_helpers import NO_ENCODER, TINY_ARGS, ServerProcess, alive, descendants, main_server, sse_events
 
 LONG = {"max_new_tokens": 450, "ignore_eos": True}       # seconds on a CPU: never waited for
 
@@ -155,6 +155,8 @@ def test_sigterm_drains_streams_refuses_new_work_and_exits_0(tiny_llama):
         for thread in threads:
             thread.start()
         assert all(event.wait(30) for event in firsts)
+        tokenize_workers = descendants(server.proc.pid)          # --max-tokenize-concurrency (2) processes
+        assert len(tokenize_workers) == 2, tokenize_workers
         signalled = time.monotonic()
         server.signal()
         while server.get("/ready").status_code == 200:     # (a refused connection would raise)
@@ -168,6 +170,7 @@ def test_sigterm_drains_streams_refuses_new_work_and_exits_0(tiny_llama):
             thread.join(60)
         code = server.proc.wait(30)
         assert code == 0, server.logs()[-3000:]
+        assert not any(map(alive, tokenize_workers))               # stopped with the server
         for result in results:                                     # every stream finished
             assert result[0] == 200 and len(result) == 121
             assert result[-1]["details"]["generated_tokens"] == 120 and result[-1]["generated_text"] is not None

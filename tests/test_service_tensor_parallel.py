@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from service_helpers import NO_ENCODER, TINY_ARGS, ServerProcess, free_port
+from service_helpers import NO_ENCODER, TINY_ARGS, ServerProcess, alive, descendants, free_port
 
 from engine import LLM, SamplingParams
 
@@ -35,33 +35,6 @@ def generated_tokens(server: ServerProcess) -> list[list[int]]:
     answers = [server.post("/generate", json={"inputs": p, "parameters": GREEDY}) for p in PROMPTS]
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
     return [[token["id"] for token in a.json()["details"]["tokens"]] for a in answers]
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            parent = int(stat.rpartition(")")[2].split()[1])
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie awaiting its parent counts as gone)."""
-    try:
-        return open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def rank_pid(server: ServerProcess, rank: int) -> int:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import math
 import random
+from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from engine.outputs import CompletionOutput, GeneratedToken
-from engine.tokenizer import EncodedText
 from engine.sampling import SamplingParams
 from service.errors import APIError, openapi_errors
 from service.generation import Generation, admit, collect, event_stream, max_new_tokens
@@ -166,7 +166,6 @@ async def _events(request: Request, gen: Generation, seed: int | None, p: Genera
 # -- tokens ----------------------------------------------------------------------------------
 
 _TOKENIZE_ERRORS = openapi_errors(401, 404, 413, 422, 429, 503)
-_TOKENS_PER_CHUNK = 8192
 
 
 @router.post("/tokenize", response_model=list[SimpleToken], responses=_TOKENIZE_ERRORS,
@@ -175,35 +174,28 @@ async def tokenize(body: TokenizeRequest, request: Request):
     server = server_of(request)
     server.require_generator()
     slot = server.tokenize_slot()
+    # A long input has a big answer (1 MB of text: ~220k tokens, ~10 MB of JSON): the worker
+    # writes it in pieces and they are streamed as they come, never held whole.
+    pieces = slot.tokenize(body.inputs, body.add_special_tokens)
     try:
-        encoded = await slot.run(server.tokenizer.encode_with_spans, body.inputs, body.add_special_tokens)
+        first = await anext(pieces, None)           # errors before the first byte are a status
     except BaseException:
+        await pieces.aclose()
         slot.release()
         raise
-    # A long input has a big answer (1 MB of text: a million tokens, ~30 MB of JSON): it is
-    # written in pieces on the slot's threads and streamed, never held whole.
-    return StreamingResponse(_json_pieces(server, slot, body.inputs, encoded), media_type="application/json",
+    return StreamingResponse(_json_list(first, pieces, slot), media_type="application/json",
                              background=BackgroundTask(slot.release))
 
 
-async def _json_pieces(server: Server, slot: TokenizeSlot, text: str, encoded: EncodedText):
+async def _json_list(first: bytes | None, rest: AsyncIterator[bytes], slot: TokenizeSlot):
     try:
-        yield b"["
-        for start in range(0, len(encoded.ids), _TOKENS_PER_CHUNK):
-            piece = await slot.run(_tokens_json, server, text, encoded, start)
-            yield (b"," if start else b"") + piece
+        yield b"[" + (first or b"")
+        async for piece in rest:
+            yield b"," + piece
         yield b"]"
     finally:
+        await rest.aclose()
         slot.release()
-
-
-def _tokens_json(server: Server, text: str, encoded: EncodedText, first: int) -> bytes:
-    items = []
-    for index in range(first, min(first + _TOKENS_PER_CHUNK, len(encoded.ids))):
-        token_id, (start, stop) = encoded.ids[index], encoded.span(index)
-        items.append({"id": token_id, "text": text[start:stop] if stop > start else server.token_text(token_id),
-                      "start": start, "stop": stop})
-    return json.dumps(items, ensure_ascii=False, separators=(",", ":"))[1:-1].encode()
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=_TOKENIZE_ERRORS,
@@ -216,5 +208,5 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     if bad is not None:
         raise APIError(422, f"inputs: token id {bad} is outside the vocabulary [0, {vocab})", param="inputs")
     async with server.tokenize_slot() as slot:
-        text = await slot.run(server.tokenizer.decode_off_lock, body.inputs, body.skip_special_tokens)
+        text = await slot.detokenize(body.inputs, body.skip_special_tokens)
     return {"text": text}
