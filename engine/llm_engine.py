@@ -24,13 +24,14 @@ from engine.outputs import CompletionState, RequestMetrics, RequestOutput
 from engine.prompt_logprobs import PromptLogprob, collect_prompt_logprobs
 from engine.quantization import plan_quantization, quantize_model, summarize
 from engine.sampling import SampleRequest, Sampler, SamplerOutput, SamplingParams, TokenMasks
-from engine.scheduler import ScheduledBatch, Scheduler
+from engine.scheduler import PrefillCap, ScheduledBatch, Scheduler
 from engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
-# Prompt tokens a CPU step takes while decodes run (see _max_prefill_tokens).
-CPU_PREFILL_TOKENS = 128
+# Prompt tokens a CPU step takes while decodes run: two per decode, at least 32 (see _prefill_cap).
+CPU_PREFILL_PER_DECODE = 2
+CPU_MIN_PREFILL_TOKENS = 32
 
 
 @dataclass(slots=True)
@@ -105,7 +106,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
-                                   self.config.max_num_batched_tokens, self._max_prefill_tokens())
+                                   self.config.max_num_batched_tokens, self._prefill_cap())
         self.sampler = Sampler(self.config.seed, self.runner.cpu_kernels)
         self.max_model_len = self._decide_max_model_len()
         self.max_encoder_len = self._decide_encoder_len() if self.model_config.is_encoder_decoder else 0
@@ -128,16 +129,20 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._finished_outside_step: list[Request] = []
 
-    def _max_prefill_tokens(self) -> int:
+    def _prefill_cap(self) -> PrefillCap:
         """Prompt tokens per step while decodes run: what a decode may wait for. On a GPU a
-        full chunk costs a few ms; on a CPU a 512-token chunk held every stream ~1 s
-        (BENCHMARKS.md), so chunks there are cut to what keeps a step near a decode's time."""
+        full chunk costs a few ms. On a CPU a step's time grows with its rows: a 512-token
+        chunk held every stream ~1 s, and a fixed 128 still made 16 streams' ITL p99 4.2x their
+        p50 while a fixed 32 made 64 streams' TTFT p50 7x longer (BENCHMARKS.md, the prefill
+        sweep); two prompt tokens per decode, at least 32, keeps a step within ~3x a decode-only
+        step's rows at any concurrency. --max-prefill-tokens fixes the cap instead."""
+        budget = self.config.max_num_batched_tokens
         configured = self.config.max_prefill_tokens
         if configured is not None:
-            return configured
+            return PrefillCap(min(configured, budget), budget)
         if self.device.type == "cpu":
-            return min(CPU_PREFILL_TOKENS, self.config.max_num_batched_tokens)
-        return self.config.max_num_batched_tokens
+            return PrefillCap(min(CPU_MIN_PREFILL_TOKENS, budget), budget, CPU_PREFILL_PER_DECODE)
+        return PrefillCap(budget, budget)
 
     def _decide_max_model_len(self) -> int:
         model_max = self.model_config.max_position_embeddings

@@ -6,9 +6,10 @@ Every step fills a token budget in three passes:
      They always go: a decode never waits behind a prompt.
   2. PREFILL CHUNKS of running sequences still computing their prompt, then
   3. ADMISSIONS from the waiting queue, their cached prefix claimed and the rest chunked.
-While decodes run, prompt tokens per step are capped (`max_prefill_tokens`), so one long
-prompt cannot stall every stream for a second; with no decode to protect, prompts get the
-whole budget.
+While decodes run, prompt tokens per step are capped (`PrefillCap`), so one long prompt
+cannot stall every stream for a second; the cap may grow with the decodes it sits beside (a
+step's rows then stay within a fixed multiple of a decode-only step's); with no decode to
+protect, prompts get the whole budget.
 
 An encoder-decoder sequence's encoder input runs once, whole, in the step that admits it
 (`encoder_seqs`): its tokens count against that step's prompt budget, and an input longer
@@ -63,6 +64,19 @@ class ScheduledBatch:
             self.samples.append((seq, len(self.seqs) - 1))
 
 
+@dataclass(frozen=True, slots=True)
+class PrefillCap:
+    """Prompt tokens a step may take beside `num_decodes` decodes: per_decode of them per
+    decode, at least `floor`, at most `ceiling` (per_decode 0: a fixed cap of `floor`)."""
+
+    floor: int
+    ceiling: int
+    per_decode: int = 0
+
+    def __call__(self, num_decodes: int) -> int:
+        return min(max(self.floor, self.per_decode * num_decodes), self.ceiling)
+
+
 @dataclass(slots=True)
 class _Budget:
     tokens: int                          # tokens this step may still compute
@@ -82,11 +96,13 @@ class _Budget:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_prefill_tokens: int | None = None):
+                 max_prefill_tokens: int | PrefillCap | None = None):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_prefill_tokens = max_prefill_tokens or max_num_batched_tokens
+        if not isinstance(max_prefill_tokens, PrefillCap):
+            max_prefill_tokens = PrefillCap(max_prefill_tokens or max_num_batched_tokens, max_num_batched_tokens)
+        self.prefill_cap = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -101,9 +117,9 @@ class Scheduler:
         batch = ScheduledBatch()
         self._preempt_for_starved_client(batch)
         made_room = len(batch.preempted)
-        has_decodes = any(seq.num_uncomputed_tokens == 1 for seq in self.running)
+        num_decodes = sum(seq.num_uncomputed_tokens == 1 for seq in self.running)
         budget = _Budget(self.max_num_batched_tokens,
-                         self.max_prefill_tokens if has_decodes else self.max_num_batched_tokens)
+                         self.prefill_cap(num_decodes) if num_decodes else self.max_num_batched_tokens)
         self._schedule_decodes(batch, budget)
         # Blocks ran out while decoding: no prompt gets more this step.
         if len(batch.preempted) == made_room:

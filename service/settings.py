@@ -34,7 +34,8 @@ _HELP = {
     "kv_cache_memory": "bytes for the KV pool, e.g. 2GiB (unset: decided by the device)",
     "max_queue": "waiting generation requests beyond which new ones get 429",
     "max_prefill_tokens": "prompt tokens per engine step while decodes run, so a long prompt "
-                          "cannot stall the streams (unset: 128 on a CPU, the whole step on a GPU)",
+                          "cannot stall the streams (unset: on a CPU two per running decode, at "
+                          "least 32; on a GPU the whole step)",
     "drain_timeout": "seconds SIGTERM lets running requests finish before aborting them",
     "log_prompts": "log prompt text (off: only sizes are logged)",
     "max_body_bytes": "largest request body accepted (413 beyond; 0 = no limit)",

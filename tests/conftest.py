@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.kv_cache import BlockManager
-from engine.scheduler import Scheduler
+from engine.scheduler import PrefillCap, Scheduler
 from engine.sequence import Sequence
 
 TINY_VOCAB = 384
@@ -272,6 +272,6 @@ def make_seq(seq_id: int, num_prompt_tokens: int, max_tokens: int = 16, first_to
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
                    max_num_batched_tokens: int = 32, prefix_caching: bool = True,
-                   max_prefill_tokens: int | None = None) -> Scheduler:
+                   max_prefill_tokens: int | PrefillCap | None = None) -> Scheduler:
     return Scheduler(BlockManager(num_blocks, block_size, prefix_caching), max_num_seqs,
                      max_num_batched_tokens, max_prefill_tokens)

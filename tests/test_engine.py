@@ -242,3 +242,11 @@ def test_a_failure_in_one_request_fails_it_alone(tiny_llama, monkeypatch):
     assert finished["bad"].finish_reason == "error" and "injected" in finished["bad"].error
     assert finished["good"].finish_reason == "length" and len(finished["good"].token_ids) == 5
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_cpu_caps_prompt_tokens_by_the_decodes_running_unless_told(tiny_checkpoints):
+    from engine.scheduler import PrefillCap
+    default = make_engine(tiny_checkpoints["llama"], max_num_batched_tokens=512)
+    assert default.scheduler.prefill_cap == PrefillCap(floor=32, ceiling=512, per_decode=2)
+    fixed = make_engine(tiny_checkpoints["llama"], max_num_batched_tokens=512, max_prefill_tokens=100)
+    assert fixed.scheduler.prefill_cap == PrefillCap(floor=100, ceiling=512)

@@ -1,6 +1,7 @@
 """The scheduler on the CPU with no model: fake sampled tokens drive it (vLLM's way)."""
 from conftest import make_scheduler, make_seq
 
+from engine.scheduler import PrefillCap
 from engine.sequence import SequenceStatus
 
 
@@ -164,6 +165,24 @@ def test_prompts_are_capped_while_decodes_run_and_get_the_whole_budget_alone():
         decodes = [n for n in batch.num_new_tokens if n == 1]
         assert batch.num_new_tokens[:len(decodes)] == decodes and len(decodes) >= 4     # decodes first
         assert sum(n for n in batch.num_new_tokens if n > 1) <= 8                       # prompts capped
+
+
+def test_a_cap_that_grows_with_the_decodes_beside_it():
+    cap = PrefillCap(floor=4, ceiling=40, per_decode=2)
+    assert [cap(n) for n in (1, 2, 3, 10, 30)] == [4, 4, 6, 20, 40]
+
+    def chunk_beside(num_decodes: int) -> list[int]:
+        s = make_scheduler(num_blocks=512, block_size=4, max_num_seqs=32, max_num_batched_tokens=128,
+                           max_prefill_tokens=cap)
+        for i in range(num_decodes):
+            s.add(make_seq(i, 2))
+        run_step(s)                                       # their prompts, alone: the whole budget
+        s.add(make_seq(99, 500))
+        return run_step(s).num_new_tokens
+
+    assert chunk_beside(2) == [1, 1, 4]                   # the floor
+    assert chunk_beside(6) == [1] * 6 + [12]              # two per decode
+    assert chunk_beside(25) == [1] * 25 + [40]            # the ceiling
 
 
 def test_a_prompt_chunk_never_takes_a_decodes_place():
