@@ -21,6 +21,7 @@
 
 #include "attention_vec.h"
 #include "kernels.h"
+#include "parallel.h"
 #include "registry.h"
 
 namespace attnserve {
@@ -102,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& logits) {
   const float* x = logits.data_ptr<float>();
   int64_t* id_out = ids.data_ptr<int64_t>();
   float* lse_out = lse.data_ptr<float>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) argmax_logsumexp_row(x + row * n, n, id_out + row, lse_out + row);
   });
   return {ids, lse};
@@ -121,7 +122,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     const scalar_t* in = x.data_ptr<scalar_t>();
     const scalar_t* w = weight.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, x.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
+    parallel_for(0, x.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
       rms_norm_rows(in, x.stride(0), w, dst, dim, eps, begin, end);
     });
   });
@@ -147,7 +148,7 @@ void rotary_(at::Tensor q, at::Tensor k, const at::Tensor& cos, const at::Tensor
     scalar_t* kp = k.data_ptr<scalar_t>();
     const scalar_t* cp = cos.data_ptr<scalar_t>();
     const scalar_t* sp = sin.data_ptr<scalar_t>();
-    at::parallel_for(0, tokens, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    parallel_for(0, tokens, kRowsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         for (int64_t h = 0; h < q_heads; ++h) rotate_head(qp + t * q.stride(0) + h * head_dim, cp + t * half, sp + t * half, half);
         for (int64_t h = 0; h < k_heads; ++h) rotate_head(kp + t * k.stride(0) + h * head_dim, cp + t * half, sp + t * half, half);
@@ -164,7 +165,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_mul", [&] {
     const scalar_t* in = gate_up.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, gate_up.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
+    parallel_for(0, gate_up.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const scalar_t* gate = in + row * gate_up.stride(0);
         const scalar_t* up = gate + size;

@@ -30,6 +30,7 @@
 
 #include "attention_tiles.h"
 #include "kernels.h"
+#include "parallel.h"
 #include "registry.h"
 
 namespace attnserve {
@@ -271,7 +272,7 @@ void run(const Problem<T>& p, int64_t num_seqs) {
   const int64_t rows = std::max<int64_t>(1, kQueryRows / p.per_kv()) * p.per_kv();
   const int64_t num_threads = std::min<int64_t>(at::get_num_threads(), items.size());
   std::atomic<size_t> next{0};
-  at::parallel_for(0, num_threads, 1, [&](int64_t, int64_t) {
+  parallel_for(0, num_threads, 1, [&](int64_t, int64_t) {
     Scratch<T> w(p, rows);
     for (size_t i = next++; i < items.size(); i = next++) attend(p, items[i], w);
   });
@@ -444,7 +445,7 @@ void paged_write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
     using T = decltype(zero);
     T* k_data = k_cache.data_ptr<T>();
     T* v_data = v_cache.data_ptr<T>();
-    at::parallel_for(0, k.size(0), 64, [&](int64_t begin, int64_t end) {
+    parallel_for(0, k.size(0), 64, [&](int64_t begin, int64_t end) {
       write_tokens(k, v, k_data, v_data, slots, block_size, begin, end);
     });
   });

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "parallel.h"
 #include "quant_blocks.h"
 #include "quant_matrix.h"
 #include "registry.h"
@@ -46,7 +47,7 @@ QuantizedRows quantize_rows(const float* x, int64_t num_rows, int64_t in_feature
   s.sums.resize(blocks);
   s.offsets.resize(blocks);
   const int32_t zero = zero_point(format);
-  at::parallel_for(0, blocks, 1024, [&](int64_t begin, int64_t end) {
+  parallel_for(0, blocks, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int32_t sum = quantize_block(x + i * kBlock, s.codes.data() + i * kBlock, &s.scales[i]);
       s.offsets[i] = -zero * sum;
@@ -70,7 +71,7 @@ template <int F>
 void multiply(const PackedWeight& w, const QuantizedRows& x, int64_t num_rows, int64_t out_features,
               const float* bias, float* y) {
   const int64_t groups = (out_features + kGroupRows - 1) / kGroupRows;
-  at::parallel_for(0, groups, kMinGroupsPerTask, [&](int64_t g0, int64_t g1) {
+  parallel_for(0, groups, kMinGroupsPerTask, [&](int64_t g0, int64_t g1) {
     alignas(64) float out[kTileRows * kGroupRows];   // (tile rows, 16)
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t first = g * kGroupRows;
@@ -150,7 +151,7 @@ at::Tensor QuantMatrix::rows(const at::Tensor& ids) const {
   shape.push_back(in_features_);
   at::Tensor out = at::empty(shape, scales_.options().dtype(at::kFloat));
   float* dst = out.data_ptr<float>();
-  at::parallel_for(0, flat.numel(), 64, [&](int64_t begin, int64_t end) {
+  parallel_for(0, flat.numel(), 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) dequantize_row(id[i], dst + i * in_features_);
   });
   return out;
