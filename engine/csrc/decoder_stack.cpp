@@ -11,17 +11,38 @@
 //     x = rms_norm(h)          q, k, v = split(qkv(x))      rotary_(q, k)
 //     write k, v to the cache  h = h + o(paged_attention(q))
 //     x = rms_norm(h)          h = h + down(silu_mul(gate_up(x)))
+#include <ATen/Dispatch.h>
 #include <ATen/record_function.h>
 
 #include <vector>
 
 #include "kernels.h"
+#include "parallel.h"
 #include "registry.h"
 
 namespace attnserve {
 namespace {
 
 namespace py = pybind11;
+
+// a + b as aten's add computes it (in fp32, rounded once to T), on our workers: an aten add of
+// a batch's hidden states is an OpenMP region, and libgomp's worker spinning after it took
+// the core our workers needed (a batch-64 step 2.3x slower).
+at::Tensor residual_add(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.sizes() == b.sizes() &&
+                  a.scalar_type() == b.scalar_type(), "residual_add: a and b must match, contiguous");
+  at::Tensor out = at::empty_like(a);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "residual_add", [&] {
+    const scalar_t* x = a.data_ptr<scalar_t>();
+    const scalar_t* y = b.data_ptr<scalar_t>();
+    scalar_t* z = out.data_ptr<scalar_t>();
+    parallel_for(0, a.numel(), 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        z[i] = static_cast<scalar_t>(static_cast<float>(x[i]) + static_cast<float>(y[i]));
+    });
+  });
+  return out;
+}
 
 // One projection: our block-quantized matrix, or a dense (weight, bias) for at::linear, as
 // F.linear runs it.
@@ -93,9 +114,9 @@ class DecoderStack {
       const at::Tensor attended = paged_attention(
           q.view({tokens, num_heads_, head_dim_}), layer.k_cache, layer.v_cache, cu_seqlens_q, seq_lens,
           block_tables, scale_, sliding_window, causal);
-      hidden = hidden + layer.o(attended.view({tokens, q_size}));
+      hidden = residual_add(hidden, layer.o(attended.view({tokens, q_size})));
       const at::Tensor gate_up = layer.gate_up(rms_norm(hidden, layer.post_norm, eps_));
-      hidden = hidden + layer.down(silu_mul(gate_up));
+      hidden = residual_add(hidden, layer.down(silu_mul(gate_up)));
     }
     return hidden;
   }

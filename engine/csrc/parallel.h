@@ -67,7 +67,7 @@ class WorkerPool {
   }
 
  private:
-  static constexpr auto kSpin = std::chrono::microseconds(300);
+  static constexpr auto kSpin = std::chrono::microseconds(50);
 
   static void pause() {
 #if defined(__x86_64__)
