@@ -76,11 +76,12 @@ def test_an_error_is_answered_and_the_worker_serves_on(tokenizer):
     async def scenario():
         pool = await TokenizePool.start(tokenizer.to_json(), 1)
         try:
+            first = pool.workers[0]
             with pytest.raises(TokenizeWorkerError, match="KeyError"):
                 async with pool.worker() as worker:
                     [p async for p in worker.call(b"T", {}, b"no options")]
-            first = pool.workers[0]
-            return await tokenize(pool, "The cat"), first is pool.workers[0]
+            items = await tokenize(pool, "The cat")
+            return items, pool.workers == [first] and first.process.returncode is None
         finally:
             await pool.stop()
 
